@@ -1,0 +1,91 @@
+"""Every use of ``torch.distributed`` in the library lives here.
+
+Functions take an optional process group and work unchanged in a single process
+(world size 1), so library code and tests never branch on distributed state.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size(group=None) -> int:
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def rank(group=None) -> int:
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+@torch.no_grad()
+def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, in rank order. No gradient.
+
+    Ranks may hold different numbers of rows (a short last batch): sizes are
+    exchanged first and rows padded, so the result equals the concatenation a
+    single process would see.
+
+    Args:
+        x: (n_r, ...) this rank's rows.
+
+    Returns:
+        (sum_r n_r, ...) rows of rank 0, then rank 1, ...
+    """
+    n = world_size(group)
+    if n == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.long, device=x.device), group=group)
+    sizes_list = [int(s.item()) for s in sizes]
+    biggest = max(sizes_list)
+    padded = x.new_zeros((biggest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    out = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(out, padded.contiguous(), group=group)
+    return torch.cat([t[:s] for t, s in zip(out, sizes_list)], dim=0)
+
+
+@torch.no_grad()
+def broadcast_(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
+    """In-place broadcast from ``src``; identity in a single process."""
+    if world_size(group) > 1:
+        dist.broadcast(x, src=src, group=group)
+    return x
+
+
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None = None, group=None):
+    """Shuffle BN, step 1 (MoCo): permute the global batch across ranks.
+
+    Each rank gets a random slice of the global batch, so BatchNorm statistics of
+    the key encoder are computed over other samples than the query's and cannot
+    leak the positive. Requires equal per-rank batch sizes.
+
+    Args:
+        x: (n, ...) this rank's inputs.
+
+    Returns:
+        (shuffled (n, ...), unshuffle_idx (world*n,)) to pass to :func:`unshuffle_batch`.
+    """
+    n_ranks = world_size(group)
+    gathered = all_gather_cat(x, group)
+    total = gathered.shape[0]
+    perm = torch.randperm(total, device=x.device, generator=generator)
+    broadcast_(perm, 0, group)
+    per_rank = total // n_ranks
+    mine = perm.view(n_ranks, per_rank)[rank(group)]
+    return gathered[mine], torch.argsort(perm)
+
+
+@torch.no_grad()
+def unshuffle_batch(y: torch.Tensor, unshuffle_idx: torch.Tensor, group=None) -> torch.Tensor:
+    """Shuffle BN, step 2: undo :func:`shuffle_batch` on the outputs ``y`` (n, ...)."""
+    n_ranks = world_size(group)
+    gathered = all_gather_cat(y, group)
+    per_rank = gathered.shape[0] // n_ranks
+    mine = unshuffle_idx.view(n_ranks, per_rank)[rank(group)]
+    return gathered[mine]

@@ -1,0 +1,174 @@
+"""Functional InfoNCE with MoCo negatives, extra negatives and MoCHi synthetic logits.
+
+Losses take embeddings, never models or banks. The logits of one query are
+``[q.k, q.n_1 ... q.n_M, q.h_1 ... q.h_S] / T`` with target 0, where the n are
+the real negatives (queue entries, then any extra per-query candidates) and the
+h the synthetic MoCHi points.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mixing
+from .mixing import MixingPlan, Negatives
+
+
+@dataclass(frozen=True)
+class MoCHiConfig:
+    """MoCHi(N, s, s') settings.
+
+    Attributes:
+        n_hard: N, hard pool size per query.
+        n_mix: s, pair mixes per query.
+        n_query_mix: s', query mixes per query.
+        beta_max: query weight b ~ U(0, beta_max).
+        warmup_epochs: plain MoCo before this many (possibly fractional) epochs,
+            since an early queue is near random.
+    """
+
+    n_hard: int = 1024
+    n_mix: int = 512
+    n_query_mix: int = 256
+    beta_max: float = 0.5
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_hard", "n_mix", "n_query_mix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_mix > 0 and self.n_hard < 2:
+            raise ValueError(f"n_hard={self.n_hard}: n_mix > 0 needs n_hard >= 2")
+        if not 0 < self.beta_max < 1:
+            raise ValueError(f"beta_max must lie in (0, 1), got {self.beta_max}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+
+    def active(self, epoch: float) -> bool:
+        """Whether mixing is on at this (fractional) epoch."""
+        return epoch >= self.warmup_epochs and (self.n_mix + self.n_query_mix) > 0
+
+
+@dataclass
+class ContrastiveOutput:
+    """Result of :func:`contrastive_loss`.
+
+    Attributes:
+        loss: scalar InfoNCE loss.
+        accuracy: scalar proxy-task top-1 over the real logits only.
+        pos_logits: (B,) un-scaled q.k.
+        neg_logits: (B, M) un-scaled q.n, masked entries -inf.
+        synthetic_logits: (B, S) un-scaled q.h, or None when mixing is off.
+        plan: the MoCHi draws, or None.
+    """
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    pos_logits: torch.Tensor
+    neg_logits: torch.Tensor
+    synthetic_logits: torch.Tensor | None = None
+    plan: MixingPlan | None = None
+
+
+def negative_logits(q: torch.Tensor, negatives: Negatives, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, D) queries x negatives -> (B, M) un-scaled scores, ``-inf`` where ``mask`` (B, M) is True."""
+    blocks = [negatives] if isinstance(negatives, torch.Tensor) else list(negatives)
+    parts = [q @ t.t() if t.dim() == 2 else torch.einsum("bd,bmd->bm", q, t) for t in blocks]
+    logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if mask is not None:
+        if mask.shape != logits.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}")
+        logits = logits.masked_fill(mask, float("-inf"))
+    return logits
+
+
+def info_nce_from_logits(
+    pos_logits: torch.Tensor,
+    neg_logits: torch.Tensor,
+    temperature: float,
+    synthetic_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``[pos, neg, synthetic] / T`` with target 0 (float32 maths).
+
+    Args:
+        pos_logits: (B,) un-scaled positive scores.
+        neg_logits: (B, M) un-scaled negative scores (``-inf`` = masked).
+        temperature: T > 0.
+        synthetic_logits: optional (B, S) un-scaled synthetic scores.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    parts = [pos_logits.unsqueeze(1), neg_logits]
+    if synthetic_logits is not None:
+        parts.append(synthetic_logits)
+    logits = torch.cat(parts, dim=1).float() / temperature
+    # CE with target 0 = logsumexp(row) - row[0]; avoids building a target tensor.
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+
+
+def proxy_accuracy(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """Share of queries whose positive outranks every real negative (ties go to the positive)."""
+    with torch.no_grad():
+        if neg_logits.shape[1] == 0:
+            return torch.ones((), device=pos_logits.device)
+        return (pos_logits >= neg_logits.max(dim=1).values).float().mean()
+
+
+def contrastive_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    negatives: Negatives,
+    temperature: float,
+    *,
+    mochi: MoCHiConfig | None = None,
+    epoch: float = math.inf,
+    neg_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ContrastiveOutput:
+    """MoCo-v2 InfoNCE, with MoCHi synthetic negatives once ``mochi`` is active.
+
+    Args:
+        q: (B, D) unit queries (with gradient).
+        k: (B, D) unit positive keys (normally detached).
+        negatives: (M, D) shared, (B, M, D) per query, or a sequence of such
+            blocks (queue first, then extra candidates); see :mod:`mixing`.
+        temperature: T.
+        mochi: MoCHi settings; None for plain MoCo.
+        epoch: current (fractional) epoch, compared with the warm-up.
+        neg_mask: (B, M) True for false negatives: dropped from the loss and
+            from the hard pool.
+        generator: for reproducible mixing draws.
+    """
+    if q.shape != k.shape or q.dim() != 2:
+        raise ValueError(f"q and k must both be (B, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    pos = (q * k).sum(dim=1)
+    neg = negative_logits(q, negatives, neg_mask)
+    synthetic, plan = None, None
+    if mochi is not None and mochi.active(epoch):
+        plan = mixing.sample_plan(
+            neg, mochi.n_hard, mochi.n_mix, mochi.n_query_mix, mochi.beta_max, generator=generator
+        )
+        synthetic = mixing.synthetic_logits(q, neg, negatives, plan)
+    loss = info_nce_from_logits(pos, neg, temperature, synthetic)
+    return ContrastiveOutput(loss, proxy_accuracy(pos, neg), pos, neg, synthetic, plan)
+
+
+class MoCHiLoss(nn.Module):
+    """Module shell over :func:`contrastive_loss`; holds T and the MoCHi settings only."""
+
+    def __init__(self, temperature: float = 0.2, mochi: MoCHiConfig | None = None) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.mochi = mochi
+
+    def forward(self, q, k, negatives, *, epoch: float = math.inf, neg_mask=None, generator=None) -> ContrastiveOutput:
+        return contrastive_loss(
+            q, k, negatives, self.temperature, mochi=self.mochi, epoch=epoch, neg_mask=neg_mask, generator=generator
+        )
+

@@ -1,0 +1,278 @@
+"""MoCHi hard negative mixing (Kalantidis et al., NeurIPS 2020).
+
+Sampling is kept apart from the maths so the closed form can be checked against
+the materialised form on the same draws:
+
+- :func:`sample_plan` picks each query's hard pool (its own top-N negatives) and
+  draws the mixing pairs and coefficients.
+- :func:`synthesize` builds the synthetic points (reference form).
+- :func:`synthetic_logits` gives ``q . h`` for the same points in closed form,
+  without building the ``(B, s+s', D)`` tensor.
+
+Negatives may be given in three layouts, all addressed by one column index
+``0 <= c < M`` that matches the columns of ``neg_logits``:
+
+- ``(M, D)``: one bank shared by every query (the MoCo queue);
+- ``(B, M, D)``: per-query negatives;
+- a tuple of such blocks, whose columns are concatenated in order (for example
+  ``(queue (K, D), faiss_candidates (B, C, D))`` with ``M = K + C``).
+
+All vectors (q and negatives) are assumed L2-normalised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Negatives = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+# F.normalize divides by max(norm, eps); the closed form uses the same floor.
+_NORM_EPS = 1e-12
+# Rows of negatives gathered at once when computing pair products c_ij.
+_GATHER_BUDGET = 1 << 22
+
+
+@dataclass
+class MixingPlan:
+    """The random draws of one MoCHi step. Pair/query indices index ``hard_idx``'s columns.
+
+    Attributes:
+        hard_idx: (B, N) int64, columns of the negatives forming each query's hard pool.
+        pair_i, pair_j: (B, s) int64 in [0, N), the two pool members of each pair mix.
+        alpha: (B, s) float in (0, 1), weight of ``pair_i``.
+        query_j: (B, s') int64 in [0, N), the pool member mixed with the query.
+        beta: (B, s') float in (0, beta_max), weight of the query.
+    """
+
+    hard_idx: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    alpha: torch.Tensor
+    query_j: torch.Tensor
+    beta: torch.Tensor
+
+    @property
+    def n_mix(self) -> int:
+        return self.pair_i.shape[1]
+
+    @property
+    def n_query_mix(self) -> int:
+        return self.query_j.shape[1]
+
+    def to(self, device: torch.device | str) -> "MixingPlan":
+        return MixingPlan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _check_counts(num_negatives: int, n_hard: int, n_mix: int, n_query_mix: int, beta_max: float) -> None:
+    for name, value in (("n_hard", n_hard), ("n_mix", n_mix), ("n_query_mix", n_query_mix)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if n_hard > num_negatives:
+        raise ValueError(f"n_hard={n_hard} is larger than the number of negatives ({num_negatives})")
+    if n_mix > 0 and n_hard < 2:
+        raise ValueError(f"n_hard={n_hard}: mixing pairs (n_mix={n_mix}) needs a hard pool of at least 2")
+    if n_query_mix > 0 and n_hard < 1:
+        raise ValueError(f"n_hard={n_hard}: query mixes (n_query_mix={n_query_mix}) need a hard pool of at least 1")
+    if not 0.0 < beta_max < 1.0:
+        raise ValueError(f"beta_max must lie in (0, 1), got {beta_max!r}")
+
+
+def hard_pool(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
+    """(B, M) scores -> (B, N) column indices of each row's N highest scores (unordered).
+
+    Masked negatives carry ``-inf`` scores; a row with fewer than N finite scores
+    is an error, because its pool would contain masked entries.
+    """
+    with torch.no_grad():
+        values, idx = torch.topk(neg_logits.detach(), n_hard, dim=1, sorted=False)
+        if n_hard > 0 and not torch.isfinite(values).all():
+            raise ValueError(
+                f"n_hard={n_hard}: some query has fewer than n_hard unmasked (finite) negatives"
+            )
+    return idx
+
+
+def sample_plan(
+    neg_logits: torch.Tensor,
+    n_hard: int,
+    n_mix: int,
+    n_query_mix: int,
+    beta_max: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> MixingPlan:
+    """Draw one MoCHi(N, s, s') plan.
+
+    Args:
+        neg_logits: (B, M) un-scaled scores q . n (masked entries ``-inf``).
+        n_hard: N, size of each query's hard pool (its own top-N).
+        n_mix: s, pair mixes per query; the two members are distinct pool entries.
+        n_query_mix: s', query mixes per query.
+        beta_max: upper bound of the query weight beta ~ U(0, beta_max).
+        generator: optional generator on ``neg_logits.device`` for reproducible draws.
+
+    Returns:
+        A :class:`MixingPlan` with all tensors on ``neg_logits.device``.
+    """
+    if neg_logits.dim() != 2:
+        raise ValueError(f"neg_logits must be (B, M), got shape {tuple(neg_logits.shape)}")
+    _check_counts(neg_logits.shape[1], n_hard, n_mix, n_query_mix, beta_max)
+    b, device = neg_logits.shape[0], neg_logits.device
+    idx_kw = dict(device=device, dtype=torch.long, generator=generator)
+    val_kw = dict(device=device, dtype=neg_logits.dtype, generator=generator)
+
+    hard_idx = hard_pool(neg_logits, n_hard)
+    pair_i = torch.randint(0, max(n_hard, 1), (b, n_mix), **idx_kw)
+    # j uniform over the other N-1 members: offset i by 1..N-1 modulo N.
+    offset = torch.randint(1, max(n_hard, 2), (b, n_mix), **idx_kw)
+    pair_j = (pair_i + offset) % max(n_hard, 1)
+    alpha = torch.rand((b, n_mix), **val_kw)
+    query_j = torch.randint(0, max(n_hard, 1), (b, n_query_mix), **idx_kw)
+    beta = torch.rand((b, n_query_mix), **val_kw) * beta_max
+    return MixingPlan(hard_idx, pair_i, pair_j, alpha, query_j, beta)
+
+
+def _blocks(negatives: Negatives) -> list[torch.Tensor]:
+    blocks = [negatives] if isinstance(negatives, torch.Tensor) else list(negatives)
+    if not blocks or any(t.dim() not in (2, 3) for t in blocks):
+        raise ValueError("negatives must be an (M, D) or (B, M, D) tensor, or a sequence of them")
+    return blocks
+
+
+def num_negatives(negatives: Negatives) -> int:
+    """Total number of columns M over all blocks."""
+    return sum(t.shape[-2] for t in _blocks(negatives))
+
+
+def gather_negatives(negatives: Negatives, columns: torch.Tensor) -> torch.Tensor:
+    """Rows of the negatives at the given columns.
+
+    Args:
+        negatives: see the module docstring.
+        columns: (B, S) int64 column indices into the concatenated negatives.
+
+    Returns:
+        (B, S, D) gathered vectors (sharing autograd with ``negatives``).
+    """
+    blocks = _blocks(negatives)
+    out: torch.Tensor | None = None
+    start = 0
+    for block in blocks:
+        m = block.shape[-2]
+        local = columns - start
+        rows = _gather_block(block, local.clamp(0, m - 1))
+        if out is None:
+            out = rows  # columns of later blocks are overwritten below
+        else:
+            inside = (local >= 0) & (local < m)
+            out = torch.where(inside.unsqueeze(-1), rows, out)
+        start += m
+    return out
+
+
+def _gather_block(block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(M, D) or (B, M, D) block, (B, S) in-range columns -> (B, S, D)."""
+    b, s = columns.shape
+    if block.dim() == 2:
+        return block.index_select(0, columns.reshape(-1)).view(b, s, block.shape[-1])
+    return torch.gather(block, 1, columns.unsqueeze(-1).expand(b, s, block.shape[-1]))
+
+
+def synthesize(q: torch.Tensor, negatives: Negatives, plan: MixingPlan) -> torch.Tensor:
+    """Materialised synthetic points (the reference form).
+
+    Args:
+        q: (B, D) unit queries.
+        negatives: the negatives whose columns ``plan.hard_idx`` indexes.
+        plan: draws from :func:`sample_plan`.
+
+    Returns:
+        (B, s + s', D) detached unit vectors; the first s are pair mixes
+        ``normalize(a n_i + (1-a) n_j)``, the rest query mixes
+        ``normalize(b q + (1-b) n_j)`` with q detached.
+    """
+    with torch.no_grad():
+        col_i = plan.hard_idx.gather(1, plan.pair_i)
+        col_j = plan.hard_idx.gather(1, plan.pair_j)
+        col_q = plan.hard_idx.gather(1, plan.query_j)
+        a = plan.alpha.unsqueeze(-1)
+        pair = a * gather_negatives(negatives, col_i) + (1 - a) * gather_negatives(negatives, col_j)
+        bq = plan.beta.unsqueeze(-1)
+        query = bq * q.detach().unsqueeze(1) + (1 - bq) * gather_negatives(negatives, col_q)
+        return F.normalize(torch.cat([pair, query], dim=1), dim=-1)
+
+
+def _pair_products(negatives: Negatives, col_i: torch.Tensor, col_j: torch.Tensor) -> torch.Tensor:
+    """(B, s) products n_i . n_j, gathered in row chunks to bound memory. No autograd."""
+    b, s = col_i.shape
+    if s == 0:
+        return col_i.new_zeros((b, 0), dtype=torch.float32)
+    d = _blocks(negatives)[0].shape[-1]
+    rows = max(1, _GATHER_BUDGET // max(1, s * d))
+    out = []
+    with torch.no_grad():
+        for start in range(0, b, rows):
+            sl = slice(start, start + rows)
+            if isinstance(negatives, torch.Tensor) and negatives.dim() == 2:
+                ni, nj = negatives[col_i[sl]], negatives[col_j[sl]]
+            else:
+                sub = [t if t.dim() == 2 else t[sl] for t in _blocks(negatives)]
+                ni, nj = gather_negatives(sub, col_i[sl]), gather_negatives(sub, col_j[sl])
+            out.append((ni * nj).sum(-1))
+    return torch.cat(out, dim=0)
+
+
+def _scores_at(q: torch.Tensor, neg_logits: torch.Tensor, negatives: Negatives, cols: torch.Tensor) -> torch.Tensor:
+    """(B, S) scores q . n at the given columns, with gradient to q only.
+
+    Reuses ``neg_logits`` unless the negatives themselves carry gradient, in which
+    case the scores are recomputed against detached rows so no gradient reaches
+    the synthetic points' sources.
+    """
+    if any(t.requires_grad for t in _blocks(negatives)):
+        rows = gather_negatives([t.detach() for t in _blocks(negatives)], cols)
+        return torch.einsum("bd,bsd->bs", q, rows)
+    return neg_logits.gather(1, cols)
+
+
+def synthetic_logits(
+    q: torch.Tensor, neg_logits: torch.Tensor, negatives: Negatives, plan: MixingPlan
+) -> torch.Tensor:
+    """Closed-form ``q . h`` for the plan's synthetic points, un-scaled by temperature.
+
+    With unit vectors, s_i = q . n_i and c_ij = n_i . n_j:
+    ``q . h  = (a s_i + (1-a) s_j) / sqrt(a^2 + (1-a)^2 + 2a(1-a) c_ij)`` and
+    ``q . h' = (b (q . q_bar) + (1-b) s_j) / sqrt(b^2 + (1-b)^2 + 2b(1-b) s_bar_j)``,
+    with detached denominators, so the value and the gradient with respect to q
+    equal those of ``einsum("bd,bsd->bs", q, synthesize(q, negatives, plan))``.
+
+    Args:
+        q: (B, D) unit queries (with gradient).
+        neg_logits: (B, M) un-scaled scores q . n, differentiable in q.
+        negatives: the negatives ``neg_logits`` was computed from.
+        plan: draws from :func:`sample_plan`.
+
+    Returns:
+        (B, s + s') logits; pair mixes first.
+    """
+    col_i = plan.hard_idx.gather(1, plan.pair_i)
+    col_j = plan.hard_idx.gather(1, plan.pair_j)
+    col_q = plan.hard_idx.gather(1, plan.query_j)
+    cols = torch.cat([col_i, col_j, col_q], dim=1)
+    scores = _scores_at(q, neg_logits, negatives, cols)
+    s = plan.n_mix
+    s_i, s_j, s_q = scores[:, :s], scores[:, s : 2 * s], scores[:, 2 * s :]
+
+    a = plan.alpha.to(scores.dtype)
+    c_ij = _pair_products(negatives, col_i, col_j).to(scores.dtype)
+    den1 = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * c_ij).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+    pair = (a * s_i + (1 - a) * s_j) / den1
+
+    b = plan.beta.to(scores.dtype)
+    self_dot = (q * q.detach()).sum(-1, keepdim=True)  # value |q|^2 = 1, gradient q_bar
+    s_q_bar = s_q.detach()
+    den2 = (b * b + (1 - b) ** 2 + 2 * b * (1 - b) * s_q_bar).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+    query = (b * self_dot + (1 - b) * s_q) / den2
+    return torch.cat([pair, query], dim=1)

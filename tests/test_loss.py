@@ -1,0 +1,115 @@
+"""InfoNCE on closed-form cases and against a direct cross-entropy reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mochi_retrieval.loss import (
+    MoCHiConfig,
+    MoCHiLoss,
+    contrastive_loss,
+    info_nce_from_logits,
+    proxy_accuracy,
+)
+
+
+def unit(*shape, seed=0):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_identical_keys_give_log_m_plus_one():
+    """Positive and all M negatives equal: every logit equal, loss = log(M + 1)."""
+    q = unit(4, 16)
+    bank = q[:1].expand(50, -1).clone()
+    k = q[:1].expand(4, -1).clone()
+    q = q[:1].expand(4, -1).clone()
+    out = contrastive_loss(q, k, bank, temperature=0.2)
+    assert out.loss.item() == pytest.approx(math.log(51), rel=1e-6)
+
+
+def test_orthogonal_case_closed_form():
+    """q.k = 1, q.n = 0 for all M: loss = log(1 + M exp(-1/T))."""
+    q = torch.eye(8)[:2]
+    bank = torch.eye(8)[2:]
+    out = contrastive_loss(q, q.clone(), bank, temperature=0.5)
+    assert out.loss.item() == pytest.approx(math.log(1 + 6 * math.exp(-2.0)), rel=1e-6)
+    assert out.accuracy.item() == 1.0
+
+
+def test_matches_cross_entropy_reference():
+    q, k, bank = unit(5, 8, seed=1), unit(5, 8, seed=2), unit(30, 8, seed=3)
+    synth = torch.randn(5, 7)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.t(), synth], 1) / 0.07
+    ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    got = info_nce_from_logits((q * k).sum(1), q @ bank.t(), 0.07, synth)
+    torch.testing.assert_close(got, ref)
+
+
+def test_mask_drops_entries_from_loss():
+    q, k, bank = unit(3, 8, seed=1), unit(3, 8, seed=2), unit(10, 8, seed=3)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[:, 4:] = True
+    masked = contrastive_loss(q, k, bank, 0.2, neg_mask=mask)
+    kept = contrastive_loss(q, k, bank[:4], 0.2)
+    torch.testing.assert_close(masked.loss, kept.loss)
+
+
+def test_accuracy_uses_real_logits_only():
+    """A synthetic logit above the positive must not change proxy accuracy."""
+    q = torch.eye(4)[:2]
+    bank = torch.eye(4)[2:]
+    pos = (q * q).sum(1)
+    neg = q @ bank.t()
+    assert proxy_accuracy(pos, neg).item() == 1.0
+    mochi = MoCHiConfig(n_hard=2, n_mix=1, n_query_mix=1, warmup_epochs=0)
+    out = contrastive_loss(q, q.clone(), bank, 0.2, mochi=mochi, epoch=1)
+    assert out.synthetic_logits.shape == (2, 2)
+    assert out.accuracy.item() == 1.0
+    half = torch.tensor([1.0, 0.0])
+    assert proxy_accuracy(half, torch.tensor([[0.5], [0.5]])).item() == 0.5
+
+
+def test_mochi_warmup_switches_mixing_on():
+    q, k, bank = unit(4, 8, seed=1), unit(4, 8, seed=2), unit(32, 8, seed=3)
+    loss = MoCHiLoss(0.2, MoCHiConfig(n_hard=8, n_mix=4, n_query_mix=2, warmup_epochs=2.0))
+    assert loss(q, k, bank, epoch=1.99).synthetic_logits is None
+    on = loss(q, k, bank, epoch=2.0)
+    assert on.synthetic_logits.shape == (4, 6)
+    # Synthetic logits only add to the denominator, so the loss rises.
+    assert on.loss > loss(q, k, bank, epoch=0).loss
+
+
+def test_loss_with_mochi_equals_reference_on_materialised_points():
+    from mochi_retrieval.mixing import synthesize
+
+    q, k, bank = unit(4, 8, seed=4).requires_grad_(True), unit(4, 8, seed=5), unit(32, 8, seed=6)
+    mochi = MoCHiConfig(n_hard=8, n_mix=4, n_query_mix=2)
+    out = contrastive_loss(q, k, bank, 0.1, mochi=mochi, generator=torch.Generator().manual_seed(0))
+    h = synthesize(q, bank, out.plan)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.t(), torch.einsum("bd,bsd->bs", q, h)], 1)
+    ref = F.cross_entropy(logits / 0.1, torch.zeros(4, dtype=torch.long))
+    torch.testing.assert_close(out.loss, ref)
+    g1 = torch.autograd.grad(out.loss, q, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, q)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [(dict(n_hard=1, n_mix=1), "n_hard"), (dict(beta_max=1.5), "beta_max"), (dict(n_mix=-1), "n_mix"),
+     (dict(warmup_epochs=-1), "warmup_epochs")],
+)
+def test_config_errors_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        MoCHiConfig(**kwargs)
+
+
+def test_bad_temperature_and_shapes():
+    q = unit(2, 4)
+    with pytest.raises(ValueError, match="temperature"):
+        contrastive_loss(q, q, unit(3, 4), 0.0)
+    with pytest.raises(ValueError, match="q and k"):
+        contrastive_loss(q, unit(3, 4), unit(3, 4), 0.2)
+    with pytest.raises(ValueError, match="mask shape"):
+        contrastive_loss(q, q, unit(3, 4), 0.2, neg_mask=torch.zeros(2, 2, dtype=torch.bool))

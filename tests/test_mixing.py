@@ -1,0 +1,185 @@
+"""MoCHi mixing against a per-query reference written from the paper's formulas."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mochi_retrieval import mixing
+from mochi_retrieval.mixing import sample_plan, synthesize, synthetic_logits
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Reference comparisons at tight tolerance; restored for other test files."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def setup(b=6, k=40, d=8, seed=0):
+    q = unit(b, d, seed=seed).requires_grad_(True)
+    bank = unit(k, d, seed=seed + 1)
+    return q, bank, q @ bank.t()
+
+
+def reference_points(q, bank, plan):
+    """Per query, straight from Kalantidis et al. eq. (2) and (3), one point at a time."""
+    out = []
+    for b in range(q.shape[0]):
+        # Hard pool of *this* query: its own top-N by q.n.
+        order = torch.argsort(q[b].detach() @ bank.t(), descending=True)
+        pool_set = set(order[: plan.hard_idx.shape[1]].tolist())
+        assert set(plan.hard_idx[b].tolist()) == pool_set
+        pool = bank[plan.hard_idx[b]]
+        points = []
+        for t in range(plan.pair_i.shape[1]):
+            a = plan.alpha[b, t]
+            h = a * pool[plan.pair_i[b, t]] + (1 - a) * pool[plan.pair_j[b, t]]
+            points.append(h / h.norm())
+        for t in range(plan.query_j.shape[1]):
+            beta = plan.beta[b, t]
+            h = beta * q[b].detach() + (1 - beta) * pool[plan.query_j[b, t]]
+            points.append(h / h.norm())
+        out.append(torch.stack(points))
+    return torch.stack(out)
+
+
+def test_plan_shapes_ranges_and_own_top_n():
+    q, bank, logits = setup()
+    plan = sample_plan(logits, 10, 7, 5, beta_max=0.3, generator=torch.Generator().manual_seed(1))
+    assert plan.hard_idx.shape == (6, 10) and plan.pair_i.shape == (6, 7) and plan.query_j.shape == (6, 5)
+    assert ((plan.alpha > 0) & (plan.alpha < 1)).all()
+    assert ((plan.beta >= 0) & (plan.beta < 0.3)).all()
+    assert (plan.pair_i != plan.pair_j).all()  # pair mixes really mix two pool members
+    for idx in (plan.pair_i, plan.pair_j, plan.query_j):
+        assert idx.min() >= 0 and idx.max() < 10
+    # Each row's pool is its own top-10, not row 0's (a known bug in public code).
+    for b in range(6):
+        top = set(torch.topk(logits[b].detach(), 10).indices.tolist())
+        assert set(plan.hard_idx[b].tolist()) == top
+    assert len({tuple(sorted(r.tolist())) for r in plan.hard_idx}) > 1
+
+
+def test_synthesize_matches_paper_reference():
+    q, bank, logits = setup()
+    plan = sample_plan(logits, 10, 7, 5, generator=torch.Generator().manual_seed(2))
+    points = synthesize(q, bank, plan)
+    assert points.shape == (6, 12, 8)
+    assert not points.requires_grad
+    torch.testing.assert_close(points.norm(dim=-1), torch.ones(6, 12))
+    torch.testing.assert_close(points, reference_points(q, bank, plan))
+
+
+@pytest.mark.parametrize("n_mix,n_query_mix", [(7, 5), (7, 0), (0, 5), (1, 1)])
+def test_closed_form_equals_materialised_value_and_gradient(n_mix, n_query_mix):
+    q, bank, logits = setup()
+    plan = sample_plan(logits, 10, n_mix, n_query_mix, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(6, n_mix + n_query_mix, generator=torch.Generator().manual_seed(4))
+
+    closed = synthetic_logits(q, logits, bank, plan)
+    (g_closed,) = torch.autograd.grad((closed * weights).sum(), q, retain_graph=True)
+    material = torch.einsum("bd,bsd->bs", q, synthesize(q, bank, plan))
+    (g_material,) = torch.autograd.grad((material * weights).sum(), q)
+
+    torch.testing.assert_close(closed, material, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_closed, g_material, rtol=1e-10, atol=1e-10)
+
+
+def test_closed_form_with_per_query_and_block_negatives():
+    """Queue (K, D) followed by per-query candidates (B, C, D): one column space."""
+    q, bank, _ = setup()
+    cands = unit(6, 9, 8, seed=7)
+    negatives = (bank, cands)
+    logits = torch.cat([q @ bank.t(), torch.einsum("bd,bcd->bc", q, cands)], dim=1)
+    plan = sample_plan(logits, 12, 6, 4, generator=torch.Generator().manual_seed(5))
+    assert (plan.hard_idx >= 40).any(), "the union pool should draw from the candidates"
+    full = torch.cat([bank.expand(6, -1, -1), cands], dim=1)  # (B, K + C, D) materialised
+    torch.testing.assert_close(synthesize(q, negatives, plan), synthesize(q, full, plan))
+    closed = synthetic_logits(q, logits, negatives, plan)
+    material = torch.einsum("bd,bsd->bs", q, synthesize(q, full, plan))
+    torch.testing.assert_close(closed, material, rtol=1e-10, atol=1e-10)
+    g1 = torch.autograd.grad(closed.sum(), q, retain_graph=True)[0]
+    g2 = torch.autograd.grad(material.sum(), q)[0]
+    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+def test_no_gradient_into_synthetic_sources():
+    """Even when the negatives carry gradient, synthetic logits send none to them."""
+    q, bank, _ = setup()
+    bank = bank.clone().requires_grad_(True)
+    logits = q @ bank.t()
+    plan = sample_plan(logits, 10, 7, 5, generator=torch.Generator().manual_seed(6))
+    closed = synthetic_logits(q, logits, bank, plan)
+    g_q, g_bank = torch.autograd.grad(closed.sum(), [q, bank], allow_unused=True)
+    assert g_bank is None or torch.count_nonzero(g_bank) == 0
+    material = torch.einsum("bd,bsd->bs", q, synthesize(q, bank, plan))
+    torch.testing.assert_close(closed, material)
+    torch.testing.assert_close(g_q, torch.autograd.grad(material.sum(), q)[0])
+
+
+def test_query_mix_closed_form_on_a_hand_case():
+    """q = e1, n = e2, b = 0.25: h' = normalize(0.25 e1 + 0.75 e2), q.h' = 0.25/sqrt(0.625)."""
+    q = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    bank = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    logits = q @ bank.t()
+    plan = mixing.MixingPlan(
+        hard_idx=torch.tensor([[0, 1]]),
+        pair_i=torch.tensor([[0]]), pair_j=torch.tensor([[1]]), alpha=torch.tensor([[0.5]]),
+        query_j=torch.tensor([[0]]), beta=torch.tensor([[0.25]]),
+    )
+    out = synthetic_logits(q, logits, bank, plan)
+    # Pair: normalize(0.5 e2 - 0.5 e1) . e1 = -0.5 / sqrt(0.5).
+    torch.testing.assert_close(out, torch.tensor([[-0.5 / math.sqrt(0.5), 0.25 / math.sqrt(0.625)]]))
+
+
+def test_seeded_generator_is_deterministic():
+    _, _, logits = setup()
+    p1 = sample_plan(logits, 10, 7, 5, generator=torch.Generator().manual_seed(11))
+    p2 = sample_plan(logits, 10, 7, 5, generator=torch.Generator().manual_seed(11))
+    p3 = sample_plan(logits, 10, 7, 5, generator=torch.Generator().manual_seed(12))
+    for name in ("pair_i", "pair_j", "alpha", "query_j", "beta"):
+        assert torch.equal(getattr(p1, name), getattr(p2, name))
+    assert not torch.equal(p1.alpha, p3.alpha)
+
+
+def test_masked_entries_never_enter_the_pool():
+    _, _, logits = setup()
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    top = torch.topk(logits.detach(), 3, dim=1).indices
+    mask.scatter_(1, top, True)  # mask each row's 3 hardest
+    plan = sample_plan(logits.masked_fill(mask, float("-inf")), 10, 4, 2)
+    assert not mask.gather(1, plan.hard_idx).any()
+    with pytest.raises(ValueError, match="n_hard"):
+        sample_plan(logits.masked_fill(torch.ones_like(mask), float("-inf")), 10, 4, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(n_hard=41, n_mix=1, n_query_mix=1), "n_hard"),
+        (dict(n_hard=1, n_mix=1, n_query_mix=0), "n_hard"),
+        (dict(n_hard=5, n_mix=-1, n_query_mix=0), "n_mix"),
+        (dict(n_hard=5, n_mix=1, n_query_mix=-2), "n_query_mix"),
+        (dict(n_hard=5, n_mix=1, n_query_mix=1, beta_max=1.0), "beta_max"),
+        (dict(n_hard=5, n_mix=1, n_query_mix=1, beta_max=0.0), "beta_max"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    _, _, logits = setup()
+    with pytest.raises(ValueError, match=name):
+        sample_plan(logits, **kwargs)
+
+
+def test_generator_on_tensor_device_and_plan_move():
+    _, _, logits = setup()
+    plan = sample_plan(logits.detach(), 4, 2, 2, generator=torch.Generator(device=logits.device))
+    assert plan.hard_idx.device == logits.device
+    assert plan.to("cpu").alpha.shape == (6, 2)
