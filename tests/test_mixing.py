@@ -183,3 +183,22 @@ def test_generator_on_tensor_device_and_plan_move():
     plan = sample_plan(logits.detach(), 4, 2, 2, generator=torch.Generator(device=logits.device))
     assert plan.hard_idx.device == logits.device
     assert plan.to("cpu").alpha.shape == (6, 2)
+
+
+@pytest.mark.parametrize("n", [128, 300])
+def test_fast_cpu_hard_pool_equals_topk(n):
+    scores = torch.randn(16, 8192, generator=torch.Generator().manual_seed(n))
+    got = mixing.hard_pool(scores, n)
+    want = torch.topk(scores, n, dim=1).indices
+    for a, b in zip(got, want):
+        assert set(a.tolist()) == set(b.tolist())
+
+
+def test_fast_hard_pool_falls_back_when_the_sample_misleads():
+    """Large values only at the sampled (strided) columns: too few pass the threshold."""
+    scores = torch.randn(4, 8192, generator=torch.Generator().manual_seed(0))
+    scores[:2, ::16] += 100.0
+    got = mixing.hard_pool(scores, 512)
+    want = torch.topk(scores, 512, dim=1).indices
+    for a, b in zip(got, want):
+        assert set(a.tolist()) == set(b.tolist())
