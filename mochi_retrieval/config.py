@@ -406,7 +406,7 @@ class ModelConfig:
 class DataConfig:
     """Training data and augmentation."""
 
-    dataset: Literal["fashion_mnist", "imagefolder", "synthetic"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
     """Which dataset loader to use."""
     root: str = "/usr/share/datasets/fashion-mnist"
     """Folder holding the data."""

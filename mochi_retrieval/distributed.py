@@ -89,3 +89,24 @@ def unshuffle_batch(y: torch.Tensor, unshuffle_idx: torch.Tensor, group=None) ->
     per_rank = gathered.shape[0] // n_ranks
     mine = unshuffle_idx.view(n_ranks, per_rank)[rank(group)]
     return gathered[mine]
+
+
+@torch.no_grad()
+def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
+    """Names of the tensors that differ between processes (empty when all agree).
+
+    Compares a float64 checksum (sum and position-weighted sum) of each tensor
+    across ranks: state that every rank must hold identically, such as the queue.
+    """
+    if world_size(group) == 1:
+        return []
+    names = sorted(tensors)
+    sums = []
+    for name in names:
+        flat = tensors[name].detach().reshape(-1).double()
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    local = torch.stack(sums)  # (n_tensors, 2)
+    gathered = all_gather_cat(local.unsqueeze(0), group)  # (world, n_tensors, 2)
+    differs = (gathered != gathered[:1]).any(dim=2).any(dim=0)
+    return [name for name, bad in zip(names, differs.tolist()) if bad]

@@ -109,7 +109,7 @@ def test_wrong_type_names_key_type_and_value(data, key, expected):
 
 def test_literal_violation_lists_choices():
     _raises({"train": {"optimizer": "adam"}}, "'train.optimizer'", "'sgd'", "'adamw'", "'adam'")
-    _raises({"data": {"dataset": "mnist"}}, "'data.dataset'", "'fashion_mnist'", "'imagefolder'", "'synthetic'")
+    _raises({"data": {"dataset": "mnist"}}, "'data.dataset'", "'fashion_mnist'", "'imagefolder'")
 
 
 def test_optional_accepts_none_and_value():

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from mochi_retrieval.distributed import replicas_agree
 from mochi_retrieval.queue import NO_ID, MomentumQueue
 
 
@@ -93,6 +94,11 @@ def _rank_main(rank, world, init_file, out_dir):
             mine = slice(lo, lo + sizes[rank])
             q.add(batch[mine], ids=torch.arange(sum(sizes))[mine] + 100 * step)
         torch.save(q.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        agree = replicas_agree(dict(q.named_buffers()))
+        if rank == 1:  # one process drifts: the check must name the buffer
+            q.keys[0, 0] += 1e-3
+        drift = replicas_agree(dict(q.named_buffers()))
+        torch.save({"agree": agree, "drift": drift}, os.path.join(out_dir, f"check{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -106,3 +112,5 @@ def test_two_processes_hold_the_single_process_queue(tmp_path):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, value in single.state_dict().items():
             assert torch.equal(state[name], value), (rank, name)
+        check = torch.load(tmp_path / f"check{rank}.pt", weights_only=True)
+        assert check == {"agree": [], "drift": ["keys"]}

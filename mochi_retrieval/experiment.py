@@ -1,0 +1,129 @@
+"""Builders that turn an :class:`ExperimentConfig` into library objects (image MoCo runs)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .config import ExperimentConfig
+from .data.augment import BatchAugment
+from .data.images import FolderViews, InMemoryViews, Sharding, read_class_list
+from .diagnostics import step_diagnostics
+from .encoders import create_encoder
+from .loss import MoCHiConfig
+from .moco import MoCo
+from .trainer import TrainerSettings
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+
+
+def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
+    t = cfg.train
+    return TrainerSettings(
+        epochs=t.epochs, max_steps=t.max_steps, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+        weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
+        grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, diagnostics_every=t.diagnostics_every,
+        checkpoint_every_epochs=t.checkpoint_every_epochs, resume=t.resume, seed=cfg.seed)
+
+
+def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: model, data and method settings."""
+    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "moco": asdict(cfg.moco),
+            "mochi": asdict(cfg.mochi), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+
+
+def build_data(cfg: ExperimentConfig, accelerator):
+    """The training batches of two views, sharded for this process."""
+    t, d = cfg.train, cfg.data
+    sharding = Sharding(t.batch_size // t.grad_accum_steps, accelerator.num_processes, accelerator.process_index)
+    if t.batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    if t.batch_size > cfg.moco.queue_size:
+        raise ValueError(f"train.batch_size={t.batch_size} does not fit the queue (moco.queue_size={cfg.moco.queue_size})")
+    if d.dataset == "fashion_mnist":
+        from .data.fashion_mnist import load_fashion_mnist
+
+        images, labels = load_fashion_mnist(d.root, "train")
+        images, labels = images[: d.limit].unsqueeze(1), labels[: d.limit]
+        mean, std = FASHION_MNIST_STATS
+        # Grey images have no colour to drop: the small-grey variant skips that step.
+        p_gray = 0.0 if d.augmentation == "mocov2_small_grey" else 0.2
+        augment = BatchAugment(out_size=d.image_size, mean=mean, std=std, p_gray=p_gray)
+        return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device)
+    classes = read_class_list(d.class_list) if d.class_list else None
+    return FolderViews(f"{d.root}/train", sharding, cfg.seed, d.image_size, d.num_workers, classes,
+                       accelerator.device)
+
+
+def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int) -> MoCo:
+    m, mc = cfg.model, cfg.mochi
+    encoder = create_encoder(m.encoder, **m.encoder_kwargs)
+    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs) if mc.enabled else None
+    model = MoCo(
+        encoder, head_hidden_dim=m.head_hidden_dim, head_out_dim=m.head_out_dim, head_layers=m.head_layers,
+        queue_size=cfg.moco.queue_size, momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
+        mochi=mochi, mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
+        momentum_schedule=cfg.moco.momentum_schedule, total_steps=cfg.train.epochs * batches_per_epoch,
+        seed=cfg.seed)
+    if m.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def make_step_hook(cfg: ExperimentConfig) -> Callable[..., dict[str, float]]:
+    def hook(step: int, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, float]:
+        return step_diagnostics(out, batch.get("labels"), cfg.mochi.n_hard)
+    return hook
+
+
+class Evaluator:
+    """kNN monitor during training and the final kNN + linear-probe evaluation.
+
+    Features come from the query backbone (no head) on un-augmented images.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    def _features(self, encoder: nn.Module, limit: int | None):
+        from .eval.features import extract_features, load_classification_data
+
+        # Fashion-MNIST idx folder, or an ImageFolder root with train/ and val/.
+        train, test, n_classes = load_classification_data(self.cfg.data.root, encoder, self.cfg.data.image_size, limit)
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            feats = extract_features(lambda x: encoder(x.to(self.device)), train, test, n_classes,
+                                     progress=False)
+        encoder.train(was_training)
+        return feats
+
+    def _knn(self, feats) -> float:
+        from .eval.knn import knn_top1
+
+        e = self.cfg.eval
+        return knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels, e.knn_k, e.knn_temperature,
+                        feats.num_classes)
+
+    def knn_monitor(self, encoder: nn.Module, epoch: int) -> dict[str, float]:
+        if epoch % self.cfg.eval.knn_every_epochs:
+            return {}
+        return {"knn_monitor": self._knn(self._features(encoder, self.cfg.eval.knn_train_limit))}
+
+    def final(self, encoder: nn.Module) -> dict[str, float]:
+        feats = self._features(encoder, None)
+        results = {"knn_top1": self._knn(feats)}
+        if self.cfg.eval.linear_probe:
+            from .eval.linear_probe import linear_probe_top1
+
+            results["linear_top1"] = linear_probe_top1(feats, device=self.device)
+        return results
+
+
+def make_evaluator(cfg: ExperimentConfig, device: torch.device) -> Evaluator:
+    return Evaluator(cfg, device)

@@ -1,0 +1,111 @@
+"""Training program: ``python -m mochi_retrieval.train CONFIG.yaml [dotted.key=value ...]``.
+
+The same arguments work under ``accelerate launch -m mochi_retrieval.train``.
+Config is read here, at the edge, and turned into constructor arguments. At the
+end the query encoder is exported (``encoder.pt`` + ``config.yaml``, loadable by
+``python -m mochi_retrieval.eval --model OUTPUT_DIR``) and evaluated: kNN and
+linear-probe accuracy on the test split, printed as a table and written to
+``results.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+
+logger = logging.getLogger("mochi_retrieval.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mochi_retrieval.train", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="YAML experiment config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 output_dir=runs/x")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .data.fashion_mnist import FashionMNISTNotFoundError
+    from .trainer import TrainingDiverged
+
+    try:
+        results = run(cfg)
+    except (FashionMNISTNotFoundError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if results:  # the main process only
+        print(results_table(results, cfg))
+    return 0
+
+
+def results_table(results: dict[str, float], cfg: ExperimentConfig) -> str:
+    rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in results.items()]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"results of {cfg.name} ({cfg.output_dir})", "-" * (width + 12)]
+    lines += [f"{k:<{width}}  {v:>9}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run(cfg: ExperimentConfig) -> dict[str, float]:
+    """Train as configured, export the encoder, evaluate; returns the final metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from .experiment import build_data, build_model, fingerprint, make_evaluator, make_step_hook, settings_from
+    from .trainer import Trainer
+
+    # The queue and key network are buffers/frozen parameters updated identically
+    # on every rank: no per-step buffer broadcast needed.
+    # cpu=True on a machine without CUDA makes several processes use gloo
+    # (accelerate otherwise runs them as unrelated single processes there).
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+    )
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    data = build_data(cfg, accelerator)
+    model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes)
+    evaluator = make_evaluator(cfg, accelerator.device)
+    trainer = Trainer(
+        model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg),
+        step_hook=make_step_hook(cfg),
+        epoch_hook=(lambda epoch: evaluator.knn_monitor(model.encoder, epoch)) if evaluator else None,
+    )
+    history = trainer.fit()
+    results: dict[str, float] = {}
+    if accelerator.is_main_process:
+        encoder = trainer.unwrapped.encoder
+        torch.save({"encoder": encoder.state_dict()}, out / "encoder.pt")
+        if evaluator is not None:
+            results = evaluator.final(encoder)
+        results["steps"] = trainer.global_step
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        from .plots import plot_history
+
+        plot_history(history, out / "curves.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
