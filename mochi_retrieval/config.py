@@ -532,8 +532,11 @@ class EvalConfig:
     """Use only the first N training items as the kNN memory bank; None = all."""
     linear_probe: bool = True
     """Train a linear probe on frozen features after training."""
+    limit: Optional[int] = None
+    """Final evaluation on the first N train and N test items only (quick runs); None = all."""
 
     def __post_init__(self) -> None:
+        _require(self.limit is None or self.limit >= 1, "limit", ">= 1 or null", self.limit)
         _require(self.knn_k >= 1, "knn_k", ">= 1", self.knn_k)
         _require(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
         _require(self.knn_every_epochs >= 1, "knn_every_epochs", ">= 1", self.knn_every_epochs)

@@ -116,7 +116,7 @@ class Evaluator:
         return {"knn_monitor": self._knn(self._features(encoder, self.cfg.eval.knn_train_limit))}
 
     def final(self, encoder: nn.Module) -> dict[str, float]:
-        feats = self._features(encoder, None)
+        feats = self._features(encoder, self.cfg.eval.limit)
         results = {"knn_top1": self._knn(feats)}
         if self.cfg.eval.linear_probe:
             from .eval.linear_probe import linear_probe_top1
