@@ -201,7 +201,8 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train until ``epochs`` or ``max_steps``; returns the logged records."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.maybe_resume()
+        if not self.maybe_resume() and self.acc.is_main_process:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         self._tb = self._open_tensorboard()
         bar = tqdm(total=self.total_steps if self.s.max_steps is None else min(self.total_steps, self.s.max_steps),
                    initial=self.global_step, disable=not self.acc.is_main_process, desc="train", dynamic_ncols=True)
@@ -256,7 +257,8 @@ class Trainer:
     def _maybe_log(self, batch, out, window: dict[str, list[float]]) -> None:
         step = self.global_step
         diag = self.step_hook is not None and step % self.s.diagnostics_every == 0
-        if step % self.s.log_every and not diag:
+        last = step >= self.total_steps or (self.s.max_steps is not None and step >= self.s.max_steps)
+        if step % self.s.log_every and not diag and not last:
             return
         record: dict[str, float] = {"step": step, "epoch": self.epoch + self.micro_step / self.micro_per_epoch,
                                     "lr": self.scheduler.get_last_lr()[0]}
