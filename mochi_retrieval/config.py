@@ -31,7 +31,6 @@ import difflib
 import numbers
 import os
 import re
-import tempfile
 import types
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -354,21 +353,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), cls: typ
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``cfg`` as complete YAML, atomically (temp file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    from .checkpoint import atomic_write
+
     text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------- schema
