@@ -13,13 +13,13 @@ from .data.augment import BatchAugment
 from .data.images import FolderViews, InMemoryViews, Sharding, read_class_list
 from .diagnostics import step_diagnostics
 from .encoders import create_encoder
+from .eval.features import FASHION_MNIST_STATS
 from .loss import MoCHiConfig
 from .moco import MoCo
 from .trainer import TrainerSettings
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 
 
 def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
