@@ -58,7 +58,12 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def append_results(title: str, body: str) -> None:
     """Append a section with the command that produced it and the machine."""
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    script = Path(sys.argv[0]).resolve()
+    try:  # as run from the repository root
+        script = script.relative_to(RESULTS.parents[1])
+    except ValueError:
+        pass
+    command = "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n## {title}\n\n`{command}`\n\n{stamp}; {machine()}\n\n{body}\n"
     with RESULTS.open("a") as f:
