@@ -89,7 +89,8 @@ class MoCo(nn.Module):
     def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(self.seed * 1_000_003 + step)
+        # Independent draws per process; the same draws again after a resume.
+        self._generator.manual_seed((self.seed * 1_000_003 + step) * 1_009 + distributed.rank())
         return self._generator
 
     @property
