@@ -137,3 +137,38 @@ def test_two_processes_keep_identical_queues(tiny_fmnist_dir, tmp_path):
     assert "replicas agree on 5 tensors across 2 processes" in proc.stderr
     assert proc.stdout.count("knn_top1") == 1  # results printed by the main process only
     assert (out / "checkpoints/last.pt").is_file()
+
+
+def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 16) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 80, size=(40, 40, 3), dtype=np.uint8)
+                pixels[:, :, c] += 150  # class = dominant colour channel
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_training_runs(tmp_path):
+    root = make_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    args = tiny_overrides(root, out, **{
+        "data.dataset": "imagefolder", "data.image_size": 32, "data.augmentation": "mocov2",
+        "data.num_workers": 0, "model.encoder_kwargs": "{width: 8, small_images: true}",
+        "train.batch_size": 8, "train.epochs": 1, "eval.linear_probe": "false"})
+    assert train.main([str(CONFIG), *args]) == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 4  # 32 images // 8
+
+
+def test_missing_or_empty_image_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    for root, message in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "holds no class folders")):
+        args = tiny_overrides(root, tmp_path / "run", **{"data.dataset": "imagefolder", "data.num_workers": 0})
+        assert train.main([str(CONFIG), *args]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
