@@ -94,7 +94,9 @@ class Evaluator:
         from .eval.features import extract_features, load_classification_data
 
         # Fashion-MNIST idx folder, or an ImageFolder root with train/ and val/.
-        train, test, n_classes = load_classification_data(self.cfg.data.root, encoder, self.cfg.data.image_size, limit)
+        d = self.cfg.data
+        classes = read_class_list(d.class_list) if d.class_list else None
+        train, test, n_classes = load_classification_data(d.root, encoder, d.image_size, limit, classes)
         was_training = encoder.training
         encoder.eval()
         with torch.no_grad():

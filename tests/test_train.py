@@ -172,3 +172,18 @@ def test_missing_or_empty_image_folder_is_a_clear_error(tmp_path, capsys):
         assert train.main([str(CONFIG), *args]) == 1
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_class_list_restricts_training_and_evaluation_classes(tmp_path):
+    from mochi_retrieval.data.images import image_folder
+    from mochi_retrieval.encoders import create_encoder
+    from mochi_retrieval.eval.features import load_classification_data
+
+    root = make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
+    keep = ["a", "c"]
+    assert image_folder(str(root / "train"), keep).classes == keep
+    train_set, test_set, n_classes = load_classification_data(root, create_encoder("resnet18", width=8), 32,
+                                                              class_list=keep)
+    assert n_classes == 2 and len(train_set) == len(test_set) == 4
+    with pytest.raises(FileNotFoundError, match="missing"):
+        image_folder(str(root / "train"), ["a", "zebra"])

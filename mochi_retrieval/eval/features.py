@@ -81,8 +81,8 @@ def _imagefolder_split(root: Path, names: Sequence[str]) -> Path | None:
     return next((root / n for n in names if (root / n).is_dir()), None)
 
 
-def load_classification_data(root: str | Path, encoder: nn.Module, image_size: int,
-                             limit: int | None = None) -> tuple[Dataset, Dataset, int]:
+def load_classification_data(root: str | Path, encoder: nn.Module, image_size: int, limit: int | None = None,
+                             class_list: Sequence[str] | None = None) -> tuple[Dataset, Dataset, int]:
     """Train and test datasets of ``(image tensor, label)`` for ``root``.
 
     Returns:
@@ -109,10 +109,15 @@ def load_classification_data(root: str | Path, encoder: nn.Module, image_size: i
             f"{root} is neither a Fashion-MNIST folder (missing {', '.join(idx_missing)}) nor an ImageFolder "
             f"root (missing {', '.join(lacking)})")
     from torch.utils.data import Subset
-    from torchvision.datasets import ImageFolder
+
+    from mochi_retrieval.data.images import image_folder
 
     tf = eval_transform(image_size, channels, *IMAGENET_STATS, resize_ratio=256 / 224)
-    train, test = ImageFolder(str(train_dir), tf), ImageFolder(str(test_dir), tf)
+
+    try:  # class_list keeps a subset of the class folders (ImageNet-100)
+        train, test = image_folder(str(train_dir), class_list, tf), image_folder(str(test_dir), class_list, tf)
+    except FileNotFoundError as e:
+        raise EvalInputError(str(e)) from None
     if train.classes != test.classes:
         raise EvalInputError(f"{train_dir} and {test_dir} hold different class folders")
     n_classes = len(train.classes)
