@@ -1,0 +1,227 @@
+"""FaissNegativeBank: FAISS against the exact torch twin and a brute-force reference; filters; state."""
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+
+from mochi_retrieval.bank import FaissNegativeBank
+from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
+from mochi_retrieval.search import faiss_num_gpus, l2_normalize
+
+BACKENDS = ["faiss", "torch"]
+
+
+def _data(n: int = 1500, d: int = 24, b: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return l2_normalize(torch.randn(n, d, generator=g)), torch.randn(b, d, generator=g)
+
+
+def _reference(emb, queries, k, exclude=None, groups=None, skip_top=0, ceiling=None) -> torch.Tensor:
+    """Brute force straight from the definition: full sort, filter in Python. (B, k) rows."""
+    scores = l2_normalize(queries) @ emb.T
+    out = []
+    for r in range(len(queries)):
+        pos = set(exclude[r]) if exclude is not None else set()
+        bad_groups = {int(groups[p]) for p in pos} if groups is not None else set()
+        order = scores[r].argsort(descending=True).tolist()
+        alive = [i for i in order if i not in pos and int(groups[i] if groups is not None else -1) not in bad_groups]
+        alive = alive[skip_top:]
+        if ceiling is not None:
+            alive = [i for i in alive if scores[r, i] <= ceiling]
+        out.append(alive[:k])
+    return torch.tensor(out)
+
+
+def _positives(b: int, n: int, seed: int = 1) -> list[set[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [set(torch.randint(0, n, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist())
+            for _ in range(b)]
+
+
+CASES = {
+    "plain": {},
+    "exclude": {"exclude": True},
+    "text_dupes": {"exclude": True, "groups": True},
+    "rank_window": {"exclude": True, "skip_top": 7},
+    "ceiling": {"exclude": True, "groups": True, "ceiling": 0.3},
+    "window_and_ceiling": {"skip_top": 40, "ceiling": 0.5},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backends_agree_with_reference(case: str) -> None:
+    opts = CASES[case]
+    emb, q = _data()
+    n, k = len(emb), 20
+    groups = torch.arange(n) // 3 if opts.get("groups") else None  # runs of 3 "identical texts"
+    excl = _positives(len(q), n) if opts.get("exclude") else None
+    ref = _reference(emb, q, k, excl, groups, opts.get("skip_top", 0), opts.get("ceiling"))
+    got = {}
+    for backend in BACKENDS:
+        bank = FaissNegativeBank(backend=backend, slack=4)
+        bank.refresh(emb, text_group=groups)
+        idx, vec = bank.candidates(q, k, exclude=excl, skip_top=opts.get("skip_top", 0),
+                                   max_similarity=opts.get("ceiling"))
+        assert idx.shape == (len(q), k) and idx.dtype == torch.long
+        assert vec.shape == (len(q), k, emb.shape[1]) and vec.dtype == torch.float32 and not vec.requires_grad
+        torch.testing.assert_close(vec, emb[idx])
+        got[backend] = idx
+    assert torch.equal(got["faiss"], got["torch"])
+    assert torch.equal(got["torch"], ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_excludes_positives_and_identical_texts(backend: str) -> None:
+    emb, _ = _data(300)
+    emb[1] = emb[0]  # document 1 has the same text (and embedding) as document 0
+    groups = torch.arange(300)
+    groups[1] = 0
+    q = emb[:1] + 0.01 * emb[5:6]
+    bank = FaissNegativeBank(backend=backend)
+    bank.refresh(emb, text_group=groups)
+    idx, _ = bank.candidates(q, 5, exclude=None)
+    assert set(idx[0, :2].tolist()) == {0, 1}  # without exclusions the twins come first
+    idx, _ = bank.candidates(q, 5, exclude=[{0}], exclude_text_dupes=False)
+    assert idx[0, 0] == 1 and 0 not in idx[0]
+    idx, _ = bank.candidates(q, 5, exclude=[{0}])
+    assert 0 not in idx[0] and 1 not in idx[0]
+    padded, _ = bank.candidates(q, 5, exclude=torch.tensor([[-1, 0, -1]]))  # tensor form, -1 padding
+    assert torch.equal(padded, idx)
+    bank.refresh(emb, text_group=torch.where(groups == 0, -1, groups))  # negative group = in no group
+    assert bank.candidates(q, 5, exclude=[{0}])[0][0, 0] == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_window_shifts_the_list(backend: str) -> None:
+    emb, q = _data(800)
+    bank = FaissNegativeBank(backend=backend)
+    bank.refresh(emb)
+    full, _ = bank.candidates(q, 30, exclude=_positives(len(q), 800))
+    windowed, _ = bank.candidates(q, 20, exclude=_positives(len(q), 800), skip_top=10)
+    assert torch.equal(windowed, full[:, 10:30])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_ceiling(backend: str) -> None:
+    emb, q = _data(800)
+    bank = FaissNegativeBank(backend=backend, slack=0)
+    bank.refresh(emb)
+    idx, vec = bank.candidates(q, 10, max_similarity=0.2)
+    sims = torch.einsum("bd,bkd->bk", l2_normalize(q), vec)
+    assert (sims <= 0.2 + 1e-6).all()
+    assert bank.last_search_rounds > 1  # the first search was too short: the bank searched again
+    assert torch.equal(idx, _reference(emb, q, 10, ceiling=0.2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refresh_replaces_stale_embeddings(backend: str) -> None:
+    old, q = _data(500, seed=0)
+    new, _ = _data(700, seed=5)
+    bank = FaissNegativeBank(backend=backend)
+    bank.refresh(old)
+    bank.candidates(q, 10)
+    bank.refresh(new * 3.0)  # not normalised: the bank normalises
+    assert len(bank) == 700 and bank.last_refresh_seconds > 0
+    idx, _ = bank.candidates(q, 10)
+    assert torch.equal(idx, _reference(new, q, 10))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_in_place_equals_fresh_refresh(backend: str) -> None:
+    emb, q = _data(600)
+    bank = FaissNegativeBank(backend=backend)
+    bank.refresh(emb)
+    bank.candidates(q, 10)  # builds the index before the update
+    rows = torch.tensor([3, 70, 555])
+    patch = l2_normalize(q[:3].clone())  # these rows now sit exactly on queries 0-2
+    bank.update(rows, patch * 2)
+    patched = emb.clone()
+    patched[rows] = patch
+    idx, _ = bank.candidates(q, 10)
+    assert torch.equal(idx, _reference(patched, q, 10))
+    assert idx[0, 0] == 3 and idx[1, 0] == 70 and idx[2, 0] == 555
+
+
+def test_external_ids() -> None:
+    emb, q = _data(400)
+    ids = torch.arange(400) * 10 + 7
+    bank = FaissNegativeBank()
+    bank.refresh(emb, ids=ids)
+    excl = [{int(ids[i]) for i in s} for s in _positives(len(q), 400)]
+    got, _ = bank.candidates(q, 8, exclude=excl)
+    ref = _reference(emb, q, 8, exclude=_positives(len(q), 400))
+    assert torch.equal(got, ids[ref])
+    bank.update(ids[ref[0, :1]], -l2_normalize(q[:1]))  # push query 0's best away
+    assert int(ids[ref[0, 0]]) not in bank.candidates(q, 8, exclude=excl)[0][0].tolist()
+    with pytest.raises(ValueError, match="not in the bank"):
+        bank.update(torch.tensor([8]), emb[:1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_many_candidates(backend: str) -> None:
+    emb, q = _data(50)
+    bank = FaissNegativeBank(backend=backend)
+    bank.refresh(emb)
+    with pytest.raises(ValueError, match=r"51 candidates.*only 50 documents"):
+        bank.candidates(q, 51)
+    with pytest.raises(ValueError, match=r"k=40 candidates.*has only 35 left.*skip_top=5.*holds 50 documents"):
+        bank.candidates(q, 40, skip_top=5, exclude=[set(range(10))] * len(q))
+    with pytest.raises(RuntimeError, match="refresh"):
+        FaissNegativeBank(backend=backend).candidates(q, 1)
+
+
+@pytest.mark.skipif(faiss_num_gpus() > 0 or torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_request_without_gpu_falls_back(backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    emb, q = _data(200)
+    with caplog.at_level(logging.WARNING, logger="mochi_retrieval.bank"):
+        bank = FaissNegativeBank(backend=backend, device="cuda")
+    assert "falling back to CPU" in caplog.text and not bank.use_gpu
+    bank.refresh(emb)
+    assert torch.equal(bank.candidates(q, 5)[0], _reference(emb, q, 5))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mochi_retrieval.bank"):
+        FaissNegativeBank(backend=backend, device="auto")
+    assert not caplog.records  # "auto" falls back silently
+
+
+def test_state_dict_round_trip() -> None:
+    emb, q = _data(300)
+    groups = torch.arange(300) // 2
+    bank = FaissNegativeBank()
+    bank.refresh(emb, ids=torch.arange(300) + 1000, text_group=groups)
+    bank.update(torch.tensor([1005]), l2_normalize(q[:1]))
+    buf = io.BytesIO()
+    torch.save(bank.state_dict(), buf)
+    buf.seek(0)
+    restored = FaissNegativeBank(backend="torch")
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    excl = [{1000 + 2 * i} for i in range(len(q))]
+    a, va = bank.candidates(q, 12, exclude=excl)
+    b, vb = restored.candidates(q, 12, exclude=excl)
+    assert torch.equal(a, b) and torch.equal(va, vb)
+    assert torch.equal(restored.text_group, groups)
+
+
+def test_union_with_queue_hard_pool() -> None:
+    """Bank candidates join the queue in the loss; MoCHi's hard pool is the exact top-N of the union."""
+    g = torch.Generator().manual_seed(3)
+    b, d, n_queue, c, n_hard = 8, 16, 256, 32, 48
+    emb = l2_normalize(torch.randn(2000, d, generator=g))
+    q = l2_normalize(emb[:b] + 0.3 * torch.randn(b, d, generator=g))
+    keys = emb[:b]
+    queue = l2_normalize(torch.randn(n_queue, d, generator=g))
+    bank = FaissNegativeBank()
+    bank.refresh(emb)
+    _, cand = bank.candidates(q, c, exclude=[{i} for i in range(b)])
+    cfg = MoCHiConfig(n_hard=n_hard, n_mix=16, n_query_mix=8)
+    out = contrastive_loss(q, keys, (queue, cand), 0.05, mochi=cfg, generator=torch.Generator().manual_seed(0))
+    union = torch.cat([q @ queue.T, torch.einsum("bd,bcd->bc", q, cand)], dim=1)
+    top = union.topk(n_hard, dim=1).indices
+    assert torch.equal(out.plan.hard_idx.sort(1).values, top.sort(1).values)
+    assert (out.plan.hard_idx >= n_queue).any(1).all()  # every query's pool draws from the bank block
+    assert (out.plan.hard_idx < n_queue).any()  # and the queue block still contributes
+    assert torch.isfinite(out.loss)
