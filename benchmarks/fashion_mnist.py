@@ -73,6 +73,14 @@ def step_timing(overrides: list[str], steps: int) -> tuple[float, float, float]:
     return times["mochi"] / times["moco"], batch_size / times["moco"], batch_size / loader
 
 
+def timing_table(ratio: float, train_ips: float, loader_ips: float) -> str:
+    return markdown_table(
+        ["measured side by side", "value"],
+        [["MoCHi step time / MoCo step time (median)", f"{ratio:.3f}x"],
+         ["training images/s (MoCo step)", f"{train_ips:.0f}"],
+         ["data pipeline images/s (two views each)", f"{loader_ips:.0f}"]])
+
+
 def train_run(overrides: list[str], out: Path) -> dict[str, float]:
     start = time.perf_counter()
     code = train.main([str(CONFIG), *overrides, f"output_dir={out}", "train.resume=false"])
@@ -95,10 +103,18 @@ def main() -> None:
     p.add_argument("--timing-steps", type=int, default=15)
     p.add_argument("--out", default="runs/bench_fashion_mnist")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--timing-only", action="store_true", help="only the side-by-side step and loader timings")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for both variants, e.g. train.epochs=2")
     args = p.parse_args()
     cfg = load_config(CONFIG, args.overrides)
 
+    if args.timing_only:
+        ratio, train_ips, loader_ips = step_timing(args.overrides, args.timing_steps)
+        side = timing_table(ratio, train_ips, loader_ips)
+        print(side)
+        if not args.no_write:
+            append_results("fashion_mnist: step timing only", f"{args.timing_steps} interleaved steps each\n\n{side}")
+        return
     floors = {name: raw_pixel_knn(cfg.data.root, cfg.eval.knn_k, cfg.eval.knn_temperature, std)
               for name, std in (("raw pixels in [0, 1] (floor)", False), ("standardised pixels (floor)", True))}
     ratio, train_ips, loader_ips = step_timing(args.overrides, args.timing_steps)
@@ -110,11 +126,7 @@ def main() -> None:
             rows.append([name, seed, f"{r['knn_top1']:.4f}", f"{r.get('linear_top1', float('nan')):.4f}",
                          f"{r['images_per_s']:.0f}", f"{r['final_loss']:.3f}"])
     table = markdown_table(["method", "seed", "kNN top-1", "linear top-1", "train images/s (wall)", "final loss"], rows)
-    side = markdown_table(
-        ["measured side by side", "value"],
-        [["MoCHi step time / MoCo step time (median)", f"{ratio:.3f}x"],
-         ["training images/s (MoCo step)", f"{train_ips:.0f}"],
-         ["data pipeline images/s (two views each)", f"{loader_ips:.0f}"]])
+    side = timing_table(ratio, train_ips, loader_ips)
     budget = (f"budget: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.model.encoder} "
               f"{cfg.model.encoder_kwargs}, K={cfg.moco.queue_size}, MoCHi({cfg.mochi.n_hard}, {cfg.mochi.n_mix}, "
               f"{cfg.mochi.n_query_mix}) after {cfg.mochi.warmup_epochs} epochs; seeds {args.seeds}")

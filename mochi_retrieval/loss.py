@@ -105,9 +105,10 @@ def info_nce_from_logits(
     parts = [pos_logits.unsqueeze(1), neg_logits]
     if synthetic_logits is not None:
         parts.append(synthetic_logits)
-    logits = torch.cat(parts, dim=1).float() / temperature
-    # CE with target 0 = logsumexp(row) - row[0]; avoids building a target tensor.
-    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    # CE with target 0 = logsumexp(row) - row[0]. The row's logsumexp is taken
+    # per part and then combined, so the (B, 1+M+S) logits are never concatenated.
+    part_lse = torch.stack([torch.logsumexp(p.float() / temperature, dim=1) for p in parts], dim=1)
+    return (torch.logsumexp(part_lse, dim=1) - pos_logits.float() / temperature).mean()
 
 
 def proxy_accuracy(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
