@@ -187,3 +187,21 @@ def test_class_list_restricts_training_and_evaluation_classes(tmp_path):
     assert n_classes == 2 and len(train_set) == len(test_set) == 4
     with pytest.raises(FileNotFoundError, match="missing"):
         image_folder(str(root / "train"), ["a", "zebra"])
+
+
+def test_bf16_mixed_precision_runs_on_cpu(tiny_fmnist_dir, tmp_path):
+    out = tmp_path / "bf16"
+    args = tiny_overrides(tiny_fmnist_dir, out, **{"train.mixed_precision": "bf16", "train.epochs": 1,
+                                                   "eval.linear_probe": "false"})
+    assert train.main([str(CONFIG), *args]) == 0
+    assert all(l == l for l in losses(out).values())  # finite, not NaN
+
+
+def test_gradient_accumulation_counts_optimiser_steps(tiny_fmnist_dir, tmp_path):
+    out = tmp_path / "accum"
+    args = tiny_overrides(tiny_fmnist_dir, out, **{"train.grad_accum_steps": 2, "train.epochs": 1,
+                                                   "eval.linear_probe": "false"})
+    assert train.main([str(CONFIG), *args]) == 0
+    # 192 images, global batch 32 as 2 micro-batches of 16: 6 optimiser steps.
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    assert sorted(losses(out)) == list(range(1, 7))
