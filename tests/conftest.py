@@ -96,3 +96,13 @@ def make_tiny_fmnist(root: Path, n_train: int = 192, n_test: int = 64, seed: int
 @pytest.fixture
 def tiny_fmnist_dir(tmp_path: Path) -> Path:
     return make_tiny_fmnist(tmp_path / "fmnist")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test may build its own Accelerator (say, another mixed precision): accelerate
+    keeps one process-wide state, which a real run sets once per process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
