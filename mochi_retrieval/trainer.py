@@ -206,7 +206,7 @@ class Trainer:
         self._tb = self._open_tensorboard()
         bar = tqdm(total=self.total_steps if self.s.max_steps is None else min(self.total_steps, self.s.max_steps),
                    initial=self.global_step, disable=not self.acc.is_main_process, desc="train", dynamic_ncols=True)
-        window: dict[str, list[float]] = {}
+        window: dict[str, list[torch.Tensor]] = {}
         try:
             while not self._done():
                 self._run_epoch(bar, window)
@@ -216,7 +216,7 @@ class Trainer:
                 self._tb.close()
         return self.history
 
-    def _run_epoch(self, bar, window: dict[str, list[float]]) -> None:
+    def _run_epoch(self, bar, window: dict[str, list[torch.Tensor]]) -> None:
         self.model.train()
         start = time.perf_counter()
         for batch in self.data.epoch(self.epoch, self.micro_step):
@@ -232,15 +232,16 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.micro_step += 1
-            for key in ("loss", "accuracy"):
-                window.setdefault(key, []).append(out[key].detach().item())
+            for key in ("loss", "accuracy"):  # tensors: no device sync until logged
+                window.setdefault(key, []).append(out[key].detach())
             if self.micro_step % self.s.grad_accum_steps:
                 continue
             self.scheduler.step()
             self.global_step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{window['loss'][-1]:.3f}", acc=f"{window['accuracy'][-1]:.2f}")
-            self._maybe_log(batch, out, window)
+            record = self._maybe_log(batch, out, window)
+            if record is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
             if self.micro_step >= self.micro_per_epoch or self._done():
                 break
         if self.micro_step >= self.micro_per_epoch:
@@ -254,16 +255,18 @@ class Trainer:
         elif self._done():
             self.save()
 
-    def _maybe_log(self, batch, out, window: dict[str, list[float]]) -> None:
+    def _maybe_log(self, batch, out, window: dict[str, list[torch.Tensor]]) -> dict[str, float] | None:
+        """Log the window's means (and diagnostics) at logging steps; returns the record, or None."""
         step = self.global_step
         diag = self.step_hook is not None and step % self.s.diagnostics_every == 0
         last = step >= self.total_steps or (self.s.max_steps is not None and step >= self.s.max_steps)
         if step % self.s.log_every and not diag and not last:
-            return
+            return None
         record: dict[str, float] = {"step": step, "epoch": self.epoch + self.micro_step / self.micro_per_epoch,
                                     "lr": self.scheduler.get_last_lr()[0]}
-        record.update({k: sum(v) / len(v) for k, v in window.items()})
+        record.update({k: torch.stack(v).float().mean().item() for k, v in window.items()})
         window.clear()
         if diag and self.acc.is_main_process:
             record.update(self.step_hook(step, batch, out))
         self._log(record)
+        return record
