@@ -154,6 +154,10 @@ class FaissNegativeBank:
             raise ValueError("a FaissNegativeBank needs the ids of the keys it is given (add(keys, ids))")
         self.update(ids, keys)
 
+    def contains(self, ids: Tensor) -> Tensor:
+        """Bool tensor shaped like ``ids``: which ids the bank holds (on the CPU)."""
+        return self._rows(ids) >= 0
+
     def _check_ready(self) -> None:
         if len(self) == 0:
             raise RuntimeError("the bank is empty: call refresh(embeddings) first")

@@ -390,12 +390,17 @@ class ModelConfig:
         _require(self.head_layers >= 1, "head_layers", ">= 1", self.head_layers)
 
 
+TEXT_DATASETS = ("text_pairs", "debian")
+
+
 @dataclass
 class DataConfig:
     """Training data and augmentation."""
 
-    dataset: Literal["fashion_mnist", "imagefolder"] = "fashion_mnist"
-    """Which dataset loader to use."""
+    dataset: Literal["fashion_mnist", "imagefolder", "text_pairs", "debian"] = "fashion_mnist"
+    """Which dataset loader to use. Text: "text_pairs" (a BEIR folder, or a .jsonl/.csv/.parquet
+    pairs file, at ``root``) or "debian" (the Debian descriptions BEIR folder at ``root``, built
+    from apt's translation files on first use)."""
     root: str = "/usr/share/datasets/fashion-mnist"
     """Folder holding the data."""
     class_list: Optional[str] = None
@@ -407,9 +412,26 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
     limit: Optional[int] = None
-    """Use only the first N training items; None = all."""
+    """Use only N training items (images: the first N; text: N pairs drawn with the seed); None = all."""
+    split: str = "train"
+    """Text, BEIR folders: the qrels split to train on."""
+    query_prefix: str = ""
+    """Text: prepended to every query (asymmetric models, e.g. "query: ")."""
+    document_prefix: str = ""
+    """Text: prepended to every document (e.g. "passage: ")."""
+    query_column: str = "query"
+    """Text pairs files: the query column."""
+    positive_column: str = "positive"
+    """Text pairs files: the positive document column."""
+    negative_column: str = "negative"
+    """Text pairs files: hard negatives, one column (text or list) or NAME_1..NAME_n."""
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset in TEXT_DATASETS
 
     def __post_init__(self) -> None:
+        _require(bool(self.split), "split", "a non-empty split name", self.split)
         _require(self.image_size > 0, "image_size", "> 0", self.image_size)
         _require(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
         _require(self.limit is None or self.limit > 0, "limit", "> 0 or null", self.limit)
@@ -429,9 +451,11 @@ class MoCoConfig:
     """Softmax temperature T of the InfoNCE logits."""
     mask_same_label: bool = False
     """Mask queue entries that share the query's label (false negatives), when labels exist."""
+    in_batch_negatives: bool = True
+    """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
 
     def __post_init__(self) -> None:
-        _require(self.queue_size > 0, "queue_size", "> 0", self.queue_size)
+        _require(self.queue_size >= 0, "queue_size", ">= 0 (0 = no queue, text runs only)", self.queue_size)
         _require(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)
         _require(self.temperature > 0, "temperature", "> 0", self.temperature)
 
@@ -458,6 +482,38 @@ class MoCHiSettings:
             _require(getattr(self, key) >= 0, key, ">= 0", getattr(self, key))
         _require(0.0 < self.beta_max < 1.0, "beta_max", "in (0, 1)", self.beta_max)
         _require(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+
+
+@dataclass
+class BankConfig:
+    """FAISS hard-negative bank over the training documents (ANCE-style refreshes)."""
+
+    enabled: bool = False
+    """Add the bank's candidates to each query's negatives (and MoCHi's hard pool)."""
+    candidates: int = 16
+    """c: candidate negatives per query (top-c by similarity after exclusions)."""
+    refresh_every: int = 0
+    """Re-embed the whole bank every R steps; 0 = only at the start (in-place updates keep it fresh)."""
+    update_with_keys: bool = True
+    """Write each batch's document keys into the bank (in place)."""
+    skip_top: int = 0
+    """Rank window: skip each query's first r candidates (likely false negatives)."""
+    max_similarity: Optional[float] = None
+    """Similarity ceiling: drop candidates with q.d above it; None = no ceiling."""
+    backend: Literal["faiss", "torch"] = "faiss"
+    """FAISS flat inner-product index, or exact torch search (same candidates)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the index lives: GPU when available ("auto"); "cuda" without a GPU warns and uses the CPU."""
+    encode_batch_size: int = 128
+    """Documents per forward pass when the bank is re-embedded."""
+
+    def __post_init__(self) -> None:
+        _require(self.candidates >= 1, "candidates", ">= 1", self.candidates)
+        _require(self.refresh_every >= 0, "refresh_every", ">= 0", self.refresh_every)
+        _require(self.skip_top >= 0, "skip_top", ">= 0", self.skip_top)
+        _require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
+        _require(self.max_similarity is None or -1.0 <= self.max_similarity <= 1.0, "max_similarity",
+                 "in [-1, 1] or null", self.max_similarity)
 
 
 @dataclass
@@ -521,9 +577,21 @@ class EvalConfig:
     linear_probe: bool = True
     """Train a linear probe on frozen features after training."""
     limit: Optional[int] = None
-    """Final evaluation on the first N train and N test items only (quick runs); None = all."""
+    """Final evaluation on the first N train and N test items only (quick runs); None = all.
+    Text: the first N queries of the split."""
+    split: str = "test"
+    """Text: the BEIR split evaluated after training."""
+    corpus: Literal["split", "all"] = "split"
+    """Text: search the documents judged in that split only, or the whole corpus."""
+    recall_ks: tuple[int, ...] = (1, 10, 100)
+    """Text: cut-offs of recall@k (MRR@10 and nDCG@10 are always reported)."""
+    batch_size: int = 64
+    """Text: texts per forward pass when encoding for evaluation."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.split), "split", "a non-empty split name", self.split)
+        _require(len(self.recall_ks) > 0 and min(self.recall_ks) >= 1, "recall_ks", "cut-offs >= 1", self.recall_ks)
+        _require(self.batch_size >= 1, "batch_size", ">= 1", self.batch_size)
         _require(self.limit is None or self.limit >= 1, "limit", ">= 1 or null", self.limit)
         _require(self.knn_k >= 1, "knn_k", ">= 1", self.knn_k)
         _require(self.knn_temperature > 0, "knn_temperature", "> 0", self.knn_temperature)
@@ -550,6 +618,8 @@ class ExperimentConfig:
     """MoCo queue, momentum and temperature."""
     mochi: MoCHiSettings = field(default_factory=MoCHiSettings)
     """MoCHi hard negative mixing."""
+    bank: BankConfig = field(default_factory=BankConfig)
+    """FAISS hard-negative bank."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and bookkeeping."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -558,11 +628,22 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "a non-empty string", self.name)
         _require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
+        if not self.data.is_text:
+            _require(self.moco.queue_size > 0, "moco.queue_size", "> 0 for image runs", self.moco.queue_size)
+        if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
+            raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
+                                   "the queue (moco.queue_size > 0) or the bank (bank.enabled)")
         m = self.mochi
         if not m.enabled:
             return
-        _require(m.n_hard <= self.moco.queue_size, "mochi.n_hard",
-                 f"<= moco.queue_size ({self.moco.queue_size}) when mochi.enabled", m.n_hard)
+        # MoCHi's pool is drawn from every negative a query sees.
+        pool = self.moco.queue_size
+        if self.data.is_text:
+            pool += (self.train.batch_size - 1) * self.moco.in_batch_negatives
+            pool += self.bank.candidates * self.bank.enabled
+        _require(m.n_hard <= pool, "mochi.n_hard",
+                 f"<= the negatives per query ({pool}: moco.queue_size"
+                 + (" + in-batch + bank.candidates" if self.data.is_text else "") + ") when mochi.enabled", m.n_hard)
         _require(m.n_mix == 0 or m.n_hard >= 2, "mochi.n_hard",
                  f">= 2 when mochi.n_mix > 0 (n_mix={m.n_mix})", m.n_hard)
         _require(m.n_query_mix == 0 or m.n_hard >= 1, "mochi.n_hard",

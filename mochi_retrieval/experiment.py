@@ -34,7 +34,7 @@ def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
 def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: model, data and method settings."""
     return {"model": asdict(cfg.model), "data": asdict(cfg.data), "moco": asdict(cfg.moco),
-            "mochi": asdict(cfg.mochi), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+            "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
 
 
 def build_data(cfg: ExperimentConfig, accelerator):

