@@ -125,11 +125,11 @@ class TextEvaluator:
 
         e, d = self.cfg.eval, self.cfg.data
         data = load_beir(d.root, e.split)
-        queries = list(zip(data.query_ids, data.query_texts))[: e.limit]
         docs = list(zip(data.doc_ids, data.doc_texts))
-        if e.corpus == "split":
-            judged = {did for qid, _ in queries for did in data.qrels[qid]}
+        if e.corpus == "split":  # every document judged in the split, also under eval.limit
+            judged = {did for rel in data.qrels.values() for did in rel}
             docs = [(did, text) for did, text in docs if did in judged]
+        queries = list(zip(data.query_ids, data.query_texts))[: e.limit]
         qids, qtexts = [q for q, _ in queries], [d.query_prefix + t for _, t in queries]
         dids, dtexts = [i for i, _ in docs], [d.document_prefix + t for _, t in docs]
         qrels = Qrels.from_dict({q: data.qrels[q] for q in qids}, qids, dids)
