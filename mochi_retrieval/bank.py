@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -44,6 +45,36 @@ logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 Exclude = Tensor | Sequence[set[int] | Sequence[int]] | None
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """FAISS negative bank settings.
+
+    Attributes:
+        candidates: c, negatives fetched per query.
+        refresh_every: re-embed the whole bank every R forward calls (0 = only
+            at the start of a run, after which the in-place updates keep it fresh;
+            text models only: an image bank starts random and is kept by updates).
+        update_with_keys: write each batch's document keys into the bank.
+        skip_top: drop the first r candidates per query (rank window).
+        max_similarity: drop candidates scoring above this (likely false negatives).
+        backend, device: see :class:`FaissNegativeBank`.
+        encode_batch_size: documents per forward pass during a refresh.
+    """
+
+    candidates: int = 16
+    refresh_every: int = 0
+    update_with_keys: bool = True
+    skip_top: int = 0
+    max_similarity: float | None = None
+    backend: Literal["faiss", "torch"] = "faiss"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    encode_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.candidates < 1 or self.refresh_every < 0 or self.skip_top < 0 or self.encode_batch_size < 1:
+            raise ValueError(f"invalid bank settings {self}")
 
 
 class FaissNegativeBank:

@@ -630,6 +630,10 @@ class ExperimentConfig:
         _require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
         if not self.data.is_text:
             _require(self.moco.queue_size > 0, "moco.queue_size", "> 0 for image runs", self.moco.queue_size)
+            _require(not self.bank.enabled or self.bank.refresh_every == 0, "bank.refresh_every",
+                     "0 for image runs (an image bank is kept fresh by each batch's keys)", self.bank.refresh_every)
+            _require(not self.bank.enabled or self.bank.update_with_keys, "bank.update_with_keys",
+                     "true for image runs (the keys are what fills an image bank)", self.bank.update_with_keys)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")
@@ -638,12 +642,12 @@ class ExperimentConfig:
             return
         # MoCHi's pool is drawn from every negative a query sees.
         pool = self.moco.queue_size
+        pool += self.bank.candidates * self.bank.enabled
         if self.data.is_text:
             pool += (self.train.batch_size - 1) * self.moco.in_batch_negatives
-            pool += self.bank.candidates * self.bank.enabled
         _require(m.n_hard <= pool, "mochi.n_hard",
                  f"<= the negatives per query ({pool}: moco.queue_size"
-                 + (" + in-batch + bank.candidates" if self.data.is_text else "") + ") when mochi.enabled", m.n_hard)
+                 + (" + in-batch" if self.data.is_text else "") + (" + bank.candidates" if self.bank.enabled else "") + ") when mochi.enabled", m.n_hard)
         _require(m.n_mix == 0 or m.n_hard >= 2, "mochi.n_hard",
                  f">= 2 when mochi.n_mix > 0 (n_mix={m.n_mix})", m.n_hard)
         _require(m.n_query_mix == 0 or m.n_hard >= 1, "mochi.n_hard",

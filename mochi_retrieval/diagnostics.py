@@ -56,10 +56,10 @@ def false_negative_share(
 
     Args:
         labels: (B,) query classes.
-        entry_labels: (K,) classes of the queue entries.
+        entry_labels: (K,) classes of the queue entries, or (B, M) per query.
         columns: (B, S) entry indices per query (a hard pool, or mix sources).
     """
-    picked = entry_labels[columns]  # (B, S)
+    picked = entry_labels.gather(1, columns) if entry_labels.dim() == 2 else entry_labels[columns]  # (B, S)
     known = picked != NO_ID
     if not known.any():
         return None

@@ -14,6 +14,7 @@ from .data.images import FolderViews, InMemoryViews, Sharding, read_class_list
 from .diagnostics import step_diagnostics
 from .encoders import create_encoder
 from .eval.features import FASHION_MNIST_STATS
+from .bank import BankSettings
 from .loss import MoCHiConfig
 from .moco import MoCo
 from .trainer import TrainerSettings
@@ -60,8 +61,18 @@ def build_data(cfg: ExperimentConfig, accelerator):
                        accelerator.device)
 
 
-def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int) -> MoCo:
-    m, mc = cfg.model, cfg.mochi
+def item_labels(data) -> torch.Tensor:
+    """(N,) class of every training item of an image data set (-1 where unknown)."""
+    if isinstance(data, FolderViews):
+        return torch.tensor([label for _, label in data.folder.samples], dtype=torch.long)
+    labels = getattr(data, "labels", None)
+    return labels.long() if labels is not None else torch.full((len(data),), -1, dtype=torch.long)
+
+
+def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int,
+                bank_labels: torch.Tensor | None = None) -> MoCo:
+    """The MoCo model; ``bank_labels`` (N,) sizes the optional bank (see :func:`item_labels`)."""
+    m, mc, b = cfg.model, cfg.mochi, cfg.bank
     encoder = create_encoder(m.encoder, **m.encoder_kwargs)
     mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs) if mc.enabled else None
     model = MoCo(
@@ -69,7 +80,8 @@ def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int) -> Mo
         queue_size=cfg.moco.queue_size, momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
         mochi=mochi, mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
         momentum_schedule=cfg.moco.momentum_schedule, total_steps=cfg.train.epochs * batches_per_epoch,
-        seed=cfg.seed)
+        seed=cfg.seed, bank_labels=bank_labels,
+        bank=BankSettings(b.candidates, 0, True, b.skip_top, b.max_similarity, b.backend, b.device) if b.enabled else None)
     if m.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import distributed
 from .encoders import EncoderWithHead, cosine_momentum, ProjectionHead, encoder_output_dim, make_momentum_copy, momentum_update
+from .bank import BankSettings, FaissNegativeBank
 from .loss import ContrastiveOutput, MoCHiConfig, MoCHiLoss
 from .queue import MomentumQueue
 
@@ -40,6 +41,12 @@ class MoCo(nn.Module):
         total_steps: length of the momentum schedule, in forward calls.
         seed: seeds the MoCHi draws of step t as (seed, t), so a resumed run
             repeats them.
+        bank: optional FAISS bank over the training set's key embeddings: row i
+            holds the latest key of item i (random until item i is first seen),
+            written with each batch's keys; each query gets its top
+            ``bank.candidates`` rows (its own item excluded, and its class too
+            under ``mask_same_label``) as extra negatives, also in MoCHi's pool.
+        bank_labels: (N,) class of every training item (sizes the bank; -1 = unknown).
     """
 
     def __init__(
@@ -59,8 +66,13 @@ class MoCo(nn.Module):
         momentum_schedule: str = "constant",
         total_steps: int | None = None,
         seed: int = 0,
+        bank: BankSettings | None = None,
+        bank_labels: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        if bank is not None and (bank_labels is None or bank.candidates + bank.skip_top > bank_labels.numel()):
+            raise ValueError(f"bank: needs bank_labels for every training item and more items than "
+                             f"bank.candidates + skip_top; got {None if bank_labels is None else bank_labels.numel()}")
         if mochi is not None and mochi.n_hard > queue_size:
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
         if not 0.0 <= momentum <= 1.0:
@@ -80,6 +92,12 @@ class MoCo(nn.Module):
             raise ValueError("momentum_schedule='cosine' needs total_steps")
         self.momentum_schedule, self.total_steps, self.seed = momentum_schedule, total_steps, seed
         self._generator: torch.Generator | None = None
+        self.bank_settings, self.bank = bank, None
+        if bank is not None:
+            self.bank = FaissNegativeBank(bank.backend, bank.device)
+            g = torch.Generator().manual_seed(seed)
+            init = torch.randn(bank_labels.numel(), head_out_dim, generator=g)
+            self.bank.refresh(init, text_group=bank_labels.detach().cpu().long())
 
     def momentum_at(self, step: int | None) -> float:
         if self.momentum_schedule == "cosine" and step is not None:
@@ -135,7 +153,7 @@ class MoCo(nn.Module):
         Returns:
             dict with ``loss`` (scalar), ``accuracy``, ``q`` and ``k`` (B, D)
             detached, ``pos_logits`` (B,), ``neg_logits`` (B, K), ``queue_labels``
-            (K,) of the entries scored (-1 = unknown), and when mixing
+            (K,) of the entries scored (-1 = unknown; (B, K + c) per query with a bank), and when mixing
             ran ``hard_idx``, ``pair_i``, ``pair_j``, ``query_j``.
         """
         q = F.normalize(self.query_net(view_q).float(), dim=1)
@@ -154,13 +172,17 @@ class MoCo(nn.Module):
         # The contrastive head runs in float32 even under autocast.
         # A copy: backward needs the keys as they were, after add() overwrote some.
         negatives = self.queue.negatives().clone()
+        # Labels of the entries the logits were computed against, for diagnostics.
+        queue_labels = self.queue.labels.clone()
+        if self.bank is not None:
+            negatives, mask, queue_labels = self._with_bank(q, ids, negatives, mask, queue_labels)
         with torch.autocast(device_type=q.device.type, enabled=False):
             out: ContrastiveOutput = self.criterion(
                 q, k, negatives, epoch=epoch, neg_mask=mask, generator=generator
             )
-        # Labels of the entries the logits were computed against, for diagnostics.
-        queue_labels = self.queue.labels.clone()
         self.queue.add(k, ids=ids, labels=labels)
+        if self.bank is not None and self.bank_settings.update_with_keys:
+            self.bank.update(distributed.all_gather_cat(ids).cpu(), distributed.all_gather_cat(k).cpu())
         result = {
             "loss": out.loss,
             "accuracy": out.accuracy,
@@ -174,3 +196,18 @@ class MoCo(nn.Module):
             result.update(hard_idx=out.plan.hard_idx, pair_i=out.plan.pair_i, pair_j=out.plan.pair_j,
                           query_j=out.plan.query_j)
         return result
+
+    def _with_bank(self, q, ids, queue_negs, mask, queue_labels):
+        """Append each query's bank candidates: negatives (queue, (B, c, D)), mask and labels (B, K + c)."""
+        if ids is None:
+            raise ValueError("a bank needs the instance ids of the batch (ids=...)")
+        s = self.bank_settings
+        cand_ids, vectors = self.bank.candidates(
+            q.detach(), s.candidates, exclude=ids.view(-1, 1), exclude_text_dupes=self.mask_same_label,
+            skip_top=s.skip_top, max_similarity=s.max_similarity)
+        b, c = cand_ids.shape
+        if mask is not None:  # the bank already left out the query's own item (and class)
+            mask = torch.cat([mask, torch.zeros(b, c, dtype=torch.bool, device=q.device)], dim=1)
+        groups = self.bank.text_group.to(q.device)
+        labels = torch.cat([queue_labels.view(1, -1).expand(b, -1), groups[cand_ids.to(q.device)]], dim=1)
+        return (queue_negs, vectors.to(q.device)), mask, labels

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .bank import FaissNegativeBank
+from .bank import BankSettings, FaissNegativeBank
 from .encoders import cosine_momentum, encoder_output_dim, make_momentum_copy, momentum_update
 from .loss import MoCHiConfig, contrastive_loss
 from .queue import NO_ID, MomentumQueue
@@ -40,35 +40,6 @@ from .queue import NO_ID, MomentumQueue
 logger = logging.getLogger(__name__)
 
 TokenBatch = Mapping[str, Tensor]
-
-
-@dataclass(frozen=True)
-class BankSettings:
-    """FAISS negative bank settings.
-
-    Attributes:
-        candidates: c, negatives fetched per query.
-        refresh_every: re-embed the whole bank every R forward calls (0 = only
-            at the start of a run, after which the in-place updates keep it fresh).
-        update_with_keys: write each batch's document keys into the bank.
-        skip_top: drop the first r candidates per query (rank window).
-        max_similarity: drop candidates scoring above this (likely false negatives).
-        backend, device: see :class:`FaissNegativeBank`.
-        encode_batch_size: documents per forward pass during a refresh.
-    """
-
-    candidates: int = 16
-    refresh_every: int = 0
-    update_with_keys: bool = True
-    skip_top: int = 0
-    max_similarity: float | None = None
-    backend: Literal["faiss", "torch"] = "faiss"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    encode_batch_size: int = 128
-
-    def __post_init__(self) -> None:
-        if self.candidates < 1 or self.refresh_every < 0 or self.skip_top < 0 or self.encode_batch_size < 1:
-            raise ValueError(f"invalid bank settings {self}")
 
 
 @dataclass

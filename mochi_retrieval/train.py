@@ -67,7 +67,8 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    from .experiment import build_data, build_model, fingerprint, make_evaluator, make_step_hook, settings_from
+    from .experiment import (build_data, build_model, fingerprint, item_labels, make_evaluator, make_step_hook,
+                             settings_from)
     from .trainer import Trainer
 
     # The queue and key network are buffers/frozen parameters updated identically
@@ -89,7 +90,8 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
         trainer, evaluator = _text_trainer(cfg, accelerator, out)
     else:
         data = build_data(cfg, accelerator)
-        model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes)
+        model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes,
+                            item_labels(data) if cfg.bank.enabled else None)
         evaluator = make_evaluator(cfg, accelerator.device)
         trainer = Trainer(
             model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg),

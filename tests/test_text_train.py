@@ -79,3 +79,44 @@ def test_text_training_end_to_end_exports_a_sentence_transformers_model(
     ours = load_model(out / "model").encode_texts(texts)
     torch.testing.assert_close(got.cpu(), ours, atol=1e-5, rtol=0)
     assert (out / "model" / "README.md").is_file()
+
+
+def write_pairs(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_a_model", "is not a transformers model folder: config.json is missing"),
+    ("missing_columns", "missing column(s) 'positive'; columns found: 'query', 'document'"),
+    ("empty_texts", "1 empty texts (query in 1 row: 2"),
+    ("too_many_candidates", "bank.candidates=50 (+ skip_top=0) is more than the corpus holds"),
+])
+def test_bad_text_input_is_a_clear_error(tiny_text_model_dir, tiny_beir, tmp_path, capsys, case, message):
+    model, data, extra = tiny_text_model_dir, tiny_beir, {}
+    if case == "not_a_model":
+        model = tmp_path / "empty_model"
+        model.mkdir()
+    elif case == "missing_columns":
+        data = write_pairs(tmp_path / "p.jsonl", [{"query": "red cat", "document": "the red cat"}] * 8)
+    elif case == "empty_texts":
+        data = write_pairs(tmp_path / "p.jsonl", [{"query": "red cat", "positive": "the red cat"}] * 2
+                           + [{"query": " ", "positive": "the dog"}] + [{"query": "fox", "positive": "a fox"}] * 5)
+    else:
+        extra = {"bank.candidates": 50}
+    code = train.main([str(CONFIG), *text_overrides(model, data, tmp_path / "run", **extra)])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err, err
+
+
+def test_pairs_file_and_gpu_bank_request_without_gpu_falls_back_to_cpu(tiny_text_model_dir, tmp_path, capsys, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: no fallback to observe")
+    rows = [{"query": f"{c} {a}", "positive": f"the {c} {a} sat on the mat"} for c in COLOURS for a in ANIMALS]
+    data = write_pairs(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        code = train.main([str(CONFIG), *text_overrides(tiny_text_model_dir, data, out, **{"bank.device": "cuda"})])
+    assert code == 0, capsys.readouterr().err
+    assert "GPU requested but" in caplog.text and "falling back to CPU" in caplog.text
+    assert (out / "model" / "modules.json").is_file()
