@@ -208,12 +208,25 @@ class FaissNegativeBank:
         faiss = _import_faiss()
         if self._index is None or self._index.d != self.dim:
             self._index = faiss.IndexFlatIP(self.dim)
-            if self.use_gpu:  # the resources must outlive the index
-                self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
-                self._index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
+            if self.use_gpu:
+                self._index = self._to_gpu(faiss, self._index)
         self._index.reset()
         self._index.add(self.embeddings.numpy())
         self._dirty = False
+
+    def _to_gpu(self, faiss, index):
+        """One process with several GPUs: shard the index over all of them. Under DDP (one GPU per
+        process): this process's GPU; every process holds the whole (replicated) bank."""
+        from .distributed import world_size
+
+        if world_size() == 1 and faiss_num_gpus() > 1:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard = True
+            logger.info("bank: sharding the index over %d GPUs", faiss_num_gpus())
+            return faiss.index_cpu_to_all_gpus(index, co=options)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()  # outlives the index
+        return faiss.index_cpu_to_gpu(self._gpu_res, device, index)
 
     def _search(self, queries: Tensor, kk: int) -> tuple[Tensor, Tensor]:
         """(b, D) unit queries -> scores, rows (b, kk) on the CPU, best first."""

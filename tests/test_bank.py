@@ -225,3 +225,36 @@ def test_union_with_queue_hard_pool() -> None:
     assert (out.plan.hard_idx >= n_queue).any(1).all()  # every query's pool draws from the bank block
     assert (out.plan.hard_idx < n_queue).any()  # and the queue block still contributes
     assert torch.isfinite(out.loss)
+
+
+class _FakeGpuFaiss:
+    """Records how the bank moves its index to GPUs (no GPU needed)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    class GpuMultipleClonerOptions:
+        shard = False
+
+    def StandardGpuResources(self):
+        return "resources"
+
+    def index_cpu_to_all_gpus(self, index, co=None):
+        self.calls.append(("all", co.shard))
+        return index
+
+    def index_cpu_to_gpu(self, res, device, index):
+        self.calls.append(("one", device))
+        return index
+
+
+@pytest.mark.parametrize("gpus, want", [(1, ("one", 0)), (4, ("all", True))])
+def test_gpu_index_is_sharded_over_several_gpus(monkeypatch, gpus, want) -> None:
+    import faiss
+
+    from mochi_retrieval import bank as bank_module
+
+    monkeypatch.setattr(bank_module, "faiss_num_gpus", lambda: gpus)
+    fake = _FakeGpuFaiss()
+    bank = FaissNegativeBank(device="cpu")
+    assert bank._to_gpu(fake, faiss.IndexFlatIP(4)) is not None and fake.calls == [want]
