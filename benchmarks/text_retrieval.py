@@ -75,7 +75,8 @@ def run_st(cfg, loss_name: str, out: Path) -> tuple[dict[str, float], float]:
     t = cfg.train
     args = Args(output_dir=str(out), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
                 learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_epochs * t.max_steps),
-                lr_scheduler_type="cosine", seed=cfg.seed, save_strategy="no", report_to="none",
+                lr_scheduler_type="cosine", seed=cfg.seed, max_grad_norm=t.max_grad_norm or 0.0,
+                save_strategy="no", report_to="none",
                 logging_steps=25, use_cpu=True, dataloader_drop_last=True,
                 batch_sampler=BatchSamplers.NO_DUPLICATES)
     trainer = Trainer(model=model, args=args, train_dataset=ds, loss=loss)

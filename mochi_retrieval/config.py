@@ -453,8 +453,12 @@ class MoCoConfig:
     """Mask queue entries that share the query's label (false negatives), when labels exist."""
     in_batch_negatives: bool = True
     """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
+    max_neg_pos_ratio: Optional[float] = None
+    """Text: mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives)."""
 
     def __post_init__(self) -> None:
+        _require(self.max_neg_pos_ratio is None or self.max_neg_pos_ratio > 0, "max_neg_pos_ratio", "> 0 or null",
+                 self.max_neg_pos_ratio)
         _require(self.queue_size >= 0, "queue_size", ">= 0 (0 = no queue, text runs only)", self.queue_size)
         _require(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)
         _require(self.temperature > 0, "temperature", "> 0", self.temperature)
@@ -538,6 +542,10 @@ class TrainConfig:
     """Linear learning-rate warm-up, in epochs."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after warm-up."""
+    max_grad_norm: Optional[float] = None
+    """Clip the gradient norm to this before each optimiser step; None = no clipping (1.0 is usual for text)."""
+    weight_decay_1d: bool = True
+    """Weight decay on 1-D parameters (biases, norm scales) too, as MoCo does; false as in BERT fine-tuning."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision mode, as accelerate names it."""
     grad_accum_steps: int = 1
@@ -559,6 +567,8 @@ class TrainConfig:
         _require(self.lr > 0, "lr", "> 0", self.lr)
         _require(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)
         _require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "> 0 or null",
+                 self.max_grad_norm)
         _require(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
 
 

@@ -109,7 +109,8 @@ def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_p
         encoder, duplicate_groups(docs), key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
         momentum=cfg.moco.momentum, momentum_schedule=cfg.moco.momentum_schedule,
         total_steps=cfg.train.epochs * batches_per_epoch, temperature=cfg.moco.temperature,
-        in_batch_negatives=cfg.moco.in_batch_negatives, mochi=mochi, bank=bank, bank_corpus=corpus, seed=cfg.seed)
+        in_batch_negatives=cfg.moco.in_batch_negatives, mochi=mochi, bank=bank, bank_corpus=corpus,
+        max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio, seed=cfg.seed)
 
 
 class TextEvaluator:

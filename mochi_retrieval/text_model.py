@@ -93,6 +93,10 @@ class TextMoCo(nn.Module):
         mochi: MoCHi settings, or None.
         bank: bank settings, or None for no bank.
         bank_corpus: the documents the bank indexes (needed with ``bank``).
+        max_neg_pos_ratio: mask every negative (any source) scoring above this
+            share of the query's positive score, q.n > r * q.k: a positive-aware
+            filter against near-duplicate false negatives (TopK-PercPos of
+            NV-Retriever, Moreira et al. 2024, with the model as its own teacher).
         seed: seeds the MoCHi draws of step t as (seed, t, rank).
     """
 
@@ -111,6 +115,7 @@ class TextMoCo(nn.Module):
         mochi: MoCHiConfig | None = None,
         bank: BankSettings | None = None,
         bank_corpus: BankCorpus | None = None,
+        max_neg_pos_ratio: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -140,6 +145,9 @@ class TextMoCo(nn.Module):
                 raise ValueError(f"bank.candidates={bank.candidates} (+ skip_top={bank.skip_top}) is more than "
                                  f"the corpus holds ({len(bank_corpus.texts)} documents)")
             self.bank = FaissNegativeBank(bank.backend, bank.device)
+        if max_neg_pos_ratio is not None and max_neg_pos_ratio <= 0:
+            raise ValueError(f"max_neg_pos_ratio must be > 0, got {max_neg_pos_ratio}")
+        self.max_neg_pos_ratio = max_neg_pos_ratio
         self.refresh_log: list[dict[str, float]] = []
         self._generator: torch.Generator | None = None
 
@@ -278,10 +286,16 @@ class TextMoCo(nn.Module):
                                               skip_top=s.skip_top, max_similarity=s.max_similarity)
             blocks.append(vectors.to(device))
             masks.append(torch.zeros(vectors.shape[:2], dtype=torch.bool, device=device))
+        mask = torch.cat(masks, dim=1)
+        if self.max_neg_pos_ratio is not None:
+            with torch.no_grad():
+                scores = torch.cat([q @ blk.t() if blk.dim() == 2 else torch.einsum("bd,bmd->bm", q, blk)
+                                    for blk in blocks], dim=1)
+                mask = mask | (scores > self.max_neg_pos_ratio * (q * k).sum(1, keepdim=True))
         generator = self._step_generator(step, device) if step is not None else None
         with torch.autocast(device_type=device.type, enabled=False):
             out = contrastive_loss(q, k, blocks, self.temperature, mochi=self.mochi, epoch=epoch,
-                                   neg_mask=torch.cat(masks, dim=1), generator=generator)
+                                   neg_mask=mask, generator=generator)
         self._write_keys(k.detach(), ids)
         return {"loss": out.loss, "accuracy": out.accuracy, "q": q.detach(), "k": k.detach(),
                 "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach()}

@@ -53,6 +53,8 @@ class TrainerSettings:
     checkpoint_every_epochs: int = 1
     resume: bool = True
     seed: int = 0
+    max_grad_norm: float | None = None
+    weight_decay_1d: bool = True
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -63,6 +65,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: nn.Module, s: TrainerSettings) -> list[dict[str, Any]]:
+    """Trainable parameters; without ``weight_decay_1d`` biases and norm scales (1-D) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.weight_decay_1d:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.dim() > 1]},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(params, s: TrainerSettings) -> torch.optim.Optimizer:
@@ -105,7 +116,7 @@ class Trainer:
         # checkpoints always fall on optimiser-step boundaries.
         self.micro_per_epoch = self.steps_per_epoch * settings.grad_accum_steps
         self.total_steps = settings.epochs * self.steps_per_epoch
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
+        optimizer = make_optimizer(param_groups(model, settings), settings)
         warmup = int(settings.warmup_epochs * self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, self.total_steps, warmup, settings.schedule))
@@ -229,6 +240,8 @@ class Trainer:
                         f"loss is {loss.item()} at step {self.global_step} (epoch {frac_epoch:.2f}); "
                         f"the last good checkpoint is {self.checkpoint_path()}")
                 self.acc.backward(loss)
+                if self.s.max_grad_norm is not None and self.acc.sync_gradients:
+                    self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             self.micro_step += 1

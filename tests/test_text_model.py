@@ -221,3 +221,18 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="key_encoder"):
         TextMoCo(enc, GROUPS, key_encoder="ema")
     assert math.isfinite(TextMoCo(enc, GROUPS, queue_size=0)(**batch_of(enc, [0, 1]), step=0)["loss"].item())
+
+
+def test_positive_aware_ceiling_masks_negatives_above_a_share_of_the_positive_score():
+    enc = ToyTextEncoder()
+    model = TextMoCo(enc, GROUPS, queue_size=0, temperature=T, max_neg_pos_ratio=0.5)
+    b = batch_of(enc, [0, 1, 2, 3, 4, 5])
+    out = model(**b, step=0)
+    with torch.no_grad():
+        q, k = unit(enc(b["query"])), unit(enc(b["positive"]))
+        scores = q @ k.t()
+        want = (scores > 0.5 * scores.diag().view(-1, 1)) | torch.eye(6, dtype=torch.bool)
+    assert want.any() and not want.all()
+    assert torch.equal(torch.isinf(out["neg_logits"]), want)
+    with pytest.raises(ValueError, match="max_neg_pos_ratio"):
+        TextMoCo(enc, GROUPS, max_neg_pos_ratio=0.0)

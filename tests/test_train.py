@@ -239,3 +239,33 @@ def test_image_bank_unit_candidates_and_updates():
     with pytest.raises(ValueError, match="bank_labels"):
         MoCo(create_encoder("resnet18", in_channels=1, width=8), head_hidden_dim=16, head_out_dim=8,
              queue_size=16, bank=BankSettings(candidates=5))
+
+
+def test_param_groups_exclude_1d_from_weight_decay_on_request():
+    from mochi_retrieval.trainer import TrainerSettings, make_optimizer, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    assert len(param_groups(model, TrainerSettings())) == 1
+    groups = param_groups(model, TrainerSettings(weight_decay_1d=False))
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["weight_decay"] == 0.0
+    opt = make_optimizer(groups, TrainerSettings(optimizer="adamw", weight_decay=0.01, weight_decay_1d=False))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+def test_gradient_clipping_caps_the_update(tiny_fmnist_dir, tmp_path):
+    """With a tiny max_grad_norm the first SGD step (no momentum yet) moves the weights by lr * max_norm at most."""
+    out = tmp_path / "clip"
+    code = train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, out, **{
+        "train.max_grad_norm": 1e-3, "train.max_steps": 1, "train.weight_decay": 0, "train.warmup_epochs": 0,
+        "eval.linear_probe": "false"})])
+    assert code == 0
+    from mochi_retrieval.config import load_config
+    from mochi_retrieval.experiment import build_model
+
+    cfg = load_config(CONFIG, tiny_overrides(tiny_fmnist_dir, out))
+    torch.manual_seed(cfg.seed)
+    start = build_model(cfg, 6, 1).query_net.state_dict()
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)["model"]
+    moved = torch.cat([(state[f"query_net.{k}"] - v).flatten().float() for k, v in start.items()
+                       if v.dtype.is_floating_point and "running" not in k])
+    assert 0 < moved.norm() <= 0.06 * 1e-3 * 1.0001
