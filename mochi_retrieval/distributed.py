@@ -80,6 +80,15 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherWithGrad.apply(x, group)
 
 
+def step_generator(cached: torch.Generator | None, seed: int, step: int, device: torch.device) -> torch.Generator:
+    """A generator seeded for (seed, step, rank): independent draws per process, the same again after a resume.
+
+    Reuses ``cached`` when it lives on ``device``."""
+    generator = cached if cached is not None and cached.device == device else torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 1_009 + rank())
+    return generator
+
+
 @torch.no_grad()
 def broadcast_(x: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """In-place broadcast from ``src``; identity in a single process."""

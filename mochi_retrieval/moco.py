@@ -105,10 +105,7 @@ class MoCo(nn.Module):
         return self.momentum
 
     def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        # Independent draws per process; the same draws again after a resume.
-        self._generator.manual_seed((self.seed * 1_000_003 + step) * 1_009 + distributed.rank())
+        self._generator = distributed.step_generator(self._generator, self.seed, step, device)
         return self._generator
 
     @property

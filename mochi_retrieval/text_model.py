@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import distributed
 from .bank import BankSettings, FaissNegativeBank
 from .encoders import cosine_momentum, encoder_output_dim, make_momentum_copy, momentum_update
-from .loss import MoCHiConfig, contrastive_loss
+from .loss import MoCHiConfig, contrastive_loss, negative_logits
 from .queue import NO_ID, MomentumQueue
 
 logger = logging.getLogger(__name__)
@@ -219,9 +219,7 @@ class TextMoCo(nn.Module):
 
     # ------------------------------------------------------------------ step
     def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        self._generator.manual_seed((self.seed * 1_000_003 + step) * 1_009 + distributed.rank())
+        self._generator = distributed.step_generator(self._generator, self.seed, step, device)
         return self._generator
 
     def _groups_of(self, ids: Tensor) -> Tensor:
@@ -289,8 +287,7 @@ class TextMoCo(nn.Module):
         mask = torch.cat(masks, dim=1)
         if self.max_neg_pos_ratio is not None:
             with torch.no_grad():
-                scores = torch.cat([q @ blk.t() if blk.dim() == 2 else torch.einsum("bd,bmd->bm", q, blk)
-                                    for blk in blocks], dim=1)
+                scores = negative_logits(q, blocks)  # (B, M)
                 mask = mask | (scores > self.max_neg_pos_ratio * (q * k).sum(1, keepdim=True))
         generator = self._step_generator(step, device) if step is not None else None
         with torch.autocast(device_type=device.type, enabled=False):
