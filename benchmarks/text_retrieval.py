@@ -1,28 +1,35 @@
-"""Text retrieval on the Debian descriptions test split: ours vs sentence-transformers' in-batch losses.
+"""Text retrieval on the Debian descriptions test split: ours vs sentence-transformers' recipes, over seeds.
 
-Every row fine-tunes the packaged all-MiniLM-L6-v2 on the same training pairs
-(``data.limit`` pairs of the train split drawn with the seed) for the same
-steps, batch, maximum length, learning rate, warm-up and cosine schedule, and
-is scored by the same evaluator (test-split queries against test-split
-documents):
+Every trained row fine-tunes the packaged all-MiniLM-L6-v2 on the same training
+pairs (``data.limit`` pairs of the train split drawn with the seed) for the same
+steps, batch, maximum length, learning rate, warm-up, cosine schedule and
+clipping, and is scored by the same evaluator (test-split queries against
+test-split documents):
 
-- zero-shot MiniLM (no training);
-- sentence-transformers ``MultipleNegativesRankingLoss`` (scale 20 = T 0.05,
-  no-duplicates batches): the usual in-batch baseline;
-- sentence-transformers ``GISTEmbedLoss`` (guide: the zero-shot MiniLM);
-- ours, shared encoder, T 0.05: in-batch only (the same objective as MNRL:
-  a parity check); + queue of 2048; + FAISS bank; + MoCHi.
+- ``zero_shot``: MiniLM without training;
+- ``mnrl``: sentence-transformers ``MultipleNegativesRankingLoss`` (scale 20 = T 0.05,
+  no-duplicates batches), the usual in-batch baseline;
+- ``st_mined``: MNRL on (anchor, positive, negative) triplets from
+  sentence-transformers' own ``mine_hard_negatives`` (zero-shot MiniLM,
+  ``relative_margin=0.05``, 3 negatives per query, top sampling): the strongest
+  peer recipe. Mining time counts in its pairs/s;
+- ``cached_mnrl``: ``CachedMultipleNegativesRankingLoss`` (GradCache, mini-batch 16);
+- ``ours_*``: ``python -m mochi_retrieval.train configs/debian_minilm.yaml`` with the
+  overrides in ``OURS`` (bank refreshes count in pairs/s).
 
-Training pairs/s is pairs seen / wall time of the training call (ours: the bank
-refresh at the start included; the "excl. refresh" column removes it).
+Each run writes ``OUT/ROW_seedS/bench.json``; ``--summarize`` reads them all and
+writes the mean and spread over seeds (so several processes can run seeds side
+by side)::
 
-    python benchmarks/text_retrieval.py [--seeds 0 1] [--steps 125] [--rows mnrl,ours_bank_mochi]
+    python benchmarks/text_retrieval.py --seeds 0 1 2 --rows mnrl,st_mined,ours_bank
+    python benchmarks/text_retrieval.py --summarize
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -35,15 +42,29 @@ from mochi_retrieval.config import load_config
 from mochi_retrieval.text_experiment import TextEvaluator, build_encoder, load_pairs, resolve_model_path
 
 CONFIG = Path(__file__).parents[1] / "configs" / "debian_minilm.yaml"
-QUEUE = "moco.queue_size=2048"
+IN_BATCH = ["moco.queue_size=0", "bank.enabled=false", "mochi.enabled=false"]
+BANK = ["moco.queue_size=0", "bank.enabled=true", "mochi.enabled=false"]
+MOCHI = ["mochi.enabled=true"]
 OURS = {
-    "ours_in_batch": ["moco.queue_size=0", "bank.enabled=false", "mochi.enabled=false"],
-    "ours_queue": [QUEUE, "bank.enabled=false", "mochi.enabled=false"],
-    "ours_queue_bank": [QUEUE, "bank.enabled=true", "mochi.enabled=false"],
-    "ours_queue_bank_mochi": [QUEUE, "bank.enabled=true", "mochi.enabled=true"],
+    "ours_in_batch": IN_BATCH,
+    "ours_bank": BANK,
+    "ours_bank_mochi": BANK + MOCHI,
+    "ours_bank_queue_mochi": BANK + MOCHI + ["moco.queue_size=1024"],
+    # Ablations: the old single softmax (documents starved by detached negatives), no re-encoded
+    # negatives, no fresh bank, MoCHi with the paper's image settings, the momentum key encoder.
+    "ours_bank_joint": BANK + ["moco.gradient=joint"],
+    "ours_bank_detached_only": BANK + ["bank.mined_negatives=0"],
+    "ours_bank_no_refresh": BANK + ["bank.refresh_every=0"],
+    "ours_bank_mochi_paper": BANK + MOCHI + ["mochi.beta_max=0.5", "mochi.cap_at_positive=false",
+                                             "mochi.n_hard=64", "mochi.n_mix=32", "mochi.n_query_mix=16"],
+    "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
+                            "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }
-ROWS = ["zero_shot", "mnrl", "gist", *OURS]
+ROWS = ["zero_shot", "mnrl", "st_mined", "cached_mnrl", *OURS]
 METRICS = ["recall@1", "recall@10", "mrr@10", "ndcg@10"]
+MONITORS = ["doc_mean_cosine", "mass_positive", "mass_in_batch", "mass_mined", "mass_queue", "mass_bank",
+            "mass_synthetic", "grad_mass_share", "false_neg_family_top16"]
+MINED_NEGATIVES = 3
 
 
 def st_imports():
@@ -58,8 +79,19 @@ def st_imports():
     return losses, BatchSamplers, SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 
-def run_st(cfg, loss_name: str, out: Path) -> tuple[dict[str, float], float]:
-    """Fine-tune with a sentence-transformers loss under the config's budget; (metrics, pairs/s)."""
+def mine(cfg, model, ds):
+    """sentence-transformers' recommended mining: (anchor, positive, negative) triplets; (dataset, seconds)."""
+    from sentence_transformers.util import mine_hard_negatives
+
+    start = time.perf_counter()
+    mined = mine_hard_negatives(ds, model, anchor_column_name="anchor", positive_column_name="positive",
+                                relative_margin=0.05, num_negatives=MINED_NEGATIVES, sampling_strategy="top",
+                                output_format="triplet", batch_size=cfg.eval.batch_size, verbose=False)
+    return mined, time.perf_counter() - start
+
+
+def run_st(cfg, row: str, out: Path) -> dict[str, float]:
+    """Fine-tune with a sentence-transformers recipe under the config's budget."""
     import datasets
 
     losses, BatchSamplers, ST, Trainer, Args = st_imports()
@@ -69,18 +101,20 @@ def run_st(cfg, loss_name: str, out: Path) -> tuple[dict[str, float], float]:
     pairs = load_pairs(cfg)
     ds = datasets.Dataset.from_dict({"anchor": [cfg.data.query_prefix + e.query for e in pairs.examples],
                                      "positive": [cfg.data.document_prefix + e.positive for e in pairs.examples]})
-    if loss_name == "mnrl":
-        loss = losses.MultipleNegativesRankingLoss(model, scale=1.0 / cfg.moco.temperature)
+    scale, extra = 1.0 / cfg.moco.temperature, {}
+    mining_seconds = 0.0
+    if row == "st_mined":
+        ds, mining_seconds = mine(cfg, model, ds)
+        extra["train_rows"] = len(ds)
+    if row == "cached_mnrl":
+        loss = losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=16)
     else:
-        guide = ST(path, device="cpu")
-        guide.max_seq_length = model.max_seq_length
-        loss = losses.GISTEmbedLoss(model, guide)
+        loss = losses.MultipleNegativesRankingLoss(model, scale=scale)
     t = cfg.train
     args = Args(output_dir=str(out), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
                 learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_epochs * t.max_steps),
                 lr_scheduler_type="cosine", seed=cfg.seed, max_grad_norm=t.max_grad_norm or 0.0,
-                save_strategy="no", report_to="none",
-                logging_steps=25, use_cpu=True, dataloader_drop_last=True,
+                save_strategy="no", report_to="none", logging_steps=25, use_cpu=True, dataloader_drop_last=True,
                 batch_sampler=BatchSamplers.NO_DUPLICATES)
     trainer = Trainer(model=model, args=args, train_dataset=ds, loss=loss)
     start = time.perf_counter()
@@ -88,12 +122,14 @@ def run_st(cfg, loss_name: str, out: Path) -> tuple[dict[str, float], float]:
     seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate(cfg, lambda texts: model.encode(texts, convert_to_tensor=True, batch_size=len(texts)))
-    return metrics, t.max_steps * t.batch_size / seconds
+    pairs_seen = t.max_steps * t.batch_size
+    return {**metrics, **extra, "pairs_per_s": pairs_seen / (seconds + mining_seconds),
+            "pairs_per_s_excl": pairs_seen / seconds, "mining_seconds": mining_seconds}
 
 
 def evaluate(cfg, encode) -> dict[str, float]:
     with torch.inference_mode():
-        return TextEvaluator(cfg, torch.device("cpu")).evaluator()(encode)
+        return TextEvaluator(cfg, torch.device("cpu")).score(encode)
 
 
 def zero_shot(cfg) -> dict[str, float]:
@@ -101,59 +137,109 @@ def zero_shot(cfg) -> dict[str, float]:
     return evaluate(cfg, lambda texts: encoder(encoder.tokenize(texts)).float())
 
 
-def run_ours(cfg) -> tuple[dict[str, float], float, float]:
+def run_ours(cfg) -> dict[str, float]:
     results = train.run(cfg)
     seconds, refresh = results["train_seconds"], results.get("bank_refresh_seconds", 0.0)
     pairs = results["steps"] * cfg.train.batch_size
-    return {k: results[k] for k in METRICS}, pairs / seconds, pairs / (seconds - refresh)
+    last = {}
+    for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        last.update({k: v for k, v in record.items() if k in MONITORS})  # the last logged value of each
+    return {**{k: results[k] for k in METRICS + ["doc_mean_cosine"]}, **last, "pairs_per_s": pairs / seconds,
+            "pairs_per_s_excl": pairs / (seconds - refresh), "bank_refresh_seconds": refresh}
+
+
+def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str]) -> dict:
+    out = out_root / f"{row}_seed{seed}"
+    base = [f"seed={seed}", f"train.max_steps={steps}", f"data.limit={steps * 32}", f"output_dir={out}",
+            "train.resume=false", *overrides]
+    cfg = load_config(CONFIG, base + OURS.get(row, []))
+    torch.manual_seed(seed)
+    if row == "zero_shot":
+        result = zero_shot(cfg)
+    elif row in ("mnrl", "st_mined", "cached_mnrl"):
+        result = run_st(cfg, row, out)
+    else:
+        result = run_ours(cfg)
+    t = cfg.train
+    record = {"row": row, "seed": seed, **result, "budget": {
+        "steps": steps, "batch": t.batch_size, "max_length": cfg.model.encoder_kwargs["max_length"],
+        "lr": t.lr, "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs,
+        "max_grad_norm": t.max_grad_norm, "temperature": cfg.moco.temperature},
+        "overrides": overrides + OURS.get(row, [])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k != "budget"}), flush=True)
+    return record
+
+
+def mean_spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summarize(out_root: Path, write: bool) -> str:
+    records = [json.loads(p.read_text()) for p in sorted(out_root.glob("*_seed*/bench.json"))]
+    if not records:
+        raise SystemExit(f"no bench.json under {out_root}")
+    by_row: dict[str, list[dict]] = {}
+    for r in records:
+        by_row.setdefault(r["row"], []).append(r)
+    order = [r for r in ROWS if r in by_row]
+    table = []
+    for row in order:
+        rs = by_row[row]
+        cells = [mean_spread([r[m] for r in rs]) for m in METRICS]
+        pps = [r["pairs_per_s"] for r in rs if "pairs_per_s" in r]
+        cells.append(f"{statistics.median(pps):.2f}" if pps else "-")
+        table.append([row, ",".join(str(r["seed"]) for r in rs), *cells])
+    monitors = []
+    for row in order:
+        rs = by_row[row]
+        monitors.append([row] + [f"{statistics.mean(r[m] for r in rs):.3f}" if all(m in r for r in rs) else "-"
+                                 for m in MONITORS])
+    b = records[0]["budget"]
+    body = (f"Budget for every trained row: {b['steps']} steps x batch {b['batch']} ({b['steps'] * b['batch']} "
+            f"training examples drawn from the train split with the seed), max_length {b['max_length']}, AdamW lr "
+            f"{b['lr']}, weight decay {b['weight_decay']}, warm-up {b['warmup_epochs']} epoch, cosine, clipping "
+            f"{b['max_grad_norm']}; T {b['temperature']} (MNRL scale {1 / b['temperature']:.0f}); test split: all "
+            f"its queries against all its documents. Cells: mean ± standard deviation over the seeds listed; "
+            f"pairs/s: median over seeds, training examples / (training + mining + bank refresh) seconds.\n\n"
+            + markdown_table(["row", "seeds", *METRICS, "train pairs/s"], table)
+            + "\n\nMonitors (mean over seeds; doc_mean_cosine on the test documents after training, the others "
+              "the last logged training window):\n\n" + markdown_table(["row", *MONITORS], monitors))
+    print(body)
+    if write:
+        append_results("text_retrieval (Debian descriptions, all-MiniLM-L6-v2), seeds", body)
+    return body
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=125)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
+    p.add_argument("--rows", default="zero_shot,mnrl,st_mined,ours_in_batch,ours_bank,ours_bank_mochi",
+                   help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--out", default="runs/bench_text")
+    p.add_argument("--summarize", action="store_true", help="only summarise OUT/*/bench.json into RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every row")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if args.summarize:
+        summarize(Path(args.out), not args.no_write)
+        return
     rows = [r for r in args.rows.split(",") if r]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         p.error(f"unknown rows {bad}; choose from {ROWS}")
-    table, budget = [], None
     for seed in args.seeds:
         for row in rows:
-            out = Path(args.out) / f"{row}_seed{seed}"
-            base = [f"seed={seed}", f"train.max_steps={args.steps}", f"data.limit={args.steps * 32}",
-                    f"output_dir={out}", "train.resume=false", *args.overrides]
-            cfg = load_config(CONFIG, base + OURS.get(row, []))
-            budget = cfg
-            torch.manual_seed(seed)
-            if row == "zero_shot":
-                if seed != args.seeds[0]:
-                    continue
-                metrics, pps, pps_x = zero_shot(cfg), float("nan"), float("nan")
-            elif row in ("mnrl", "gist"):
-                metrics, pps = run_st(cfg, row, out)
-                pps_x = pps
-            else:
-                metrics, pps, pps_x = run_ours(cfg)
-            table.append([row, seed, *(f"{metrics[m]:.4f}" for m in METRICS), f"{pps:.2f}", f"{pps_x:.2f}"])
-            print(json.dumps({"row": row, "seed": seed, **metrics, "pairs_per_s": pps, "pairs_per_s_excl": pps_x}),
-                  flush=True)
-    header = ["row", "seed", *METRICS, "train pairs/s", "pairs/s excl. bank refresh"]
-    t = budget.train
-    body = (f"Budget for every trained row: {args.steps} steps x batch {t.batch_size} "
-            f"({args.steps * t.batch_size} pairs drawn from the train split with the seed), max_length "
-            f"{budget.model.encoder_kwargs['max_length']}, AdamW lr {t.lr}, weight decay {t.weight_decay}, "
-            f"warm-up {t.warmup_epochs} epoch, cosine; T 0.05 (MNRL scale 20); test split: all its queries "
-            f"against all its documents.\n\n" + markdown_table(header, table))
-    print(body)
-    if not args.no_write:
-        append_results("text_retrieval (Debian descriptions, all-MiniLM-L6-v2)", body)
+            if row == "zero_shot" and seed != args.seeds[0]:
+                continue
+            run_one(row, seed, args.steps, Path(args.out), args.overrides)
 
 
 if __name__ == "__main__":

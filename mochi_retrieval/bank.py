@@ -52,7 +52,14 @@ class BankSettings:
     """FAISS negative bank settings.
 
     Attributes:
-        candidates: c, negatives fetched per query.
+        candidates: c, detached negatives per query (stored vectors, no gradient).
+        mined_negatives: n, negatives per query whose texts are re-encoded with
+            gradient (text models; taken before the c detached ones).
+        exclude_family: exclude candidates from the family of a positive (text:
+            same first paragraph), not only identical inputs.
+        max_pos_ratio: text: skip candidates scoring above this share of the
+            query's positive score, q.d > r * q.k (sentence-transformers'
+            ``relative_margin`` is 1 - r); None = no relative ceiling.
         refresh_every: re-embed the whole bank every R forward calls (0 = only
             at the start of a run, after which the in-place updates keep it fresh;
             text models only: an image bank starts random and is kept by updates).
@@ -71,10 +78,16 @@ class BankSettings:
     backend: Literal["faiss", "torch"] = "faiss"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     encode_batch_size: int = 128
+    mined_negatives: int = 0
+    exclude_family: bool = False
+    max_pos_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.candidates < 1 or self.refresh_every < 0 or self.skip_top < 0 or self.encode_batch_size < 1:
+        if self.candidates < 0 or self.mined_negatives < 0 or self.candidates + self.mined_negatives < 1 \
+                or self.refresh_every < 0 or self.skip_top < 0 or self.encode_batch_size < 1:
             raise ValueError(f"invalid bank settings {self}")
+        if self.max_pos_ratio is not None and self.max_pos_ratio <= 0:
+            raise ValueError(f"bank max_pos_ratio must be > 0, got {self.max_pos_ratio}")
 
 
 class FaissNegativeBank:
@@ -265,7 +278,7 @@ class FaissNegativeBank:
         exclude: Exclude = None,
         exclude_text_dupes: bool = True,
         skip_top: int = 0,
-        max_similarity: float | None = None,
+        max_similarity: float | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Top-k negatives per query after exclusions, rank window and ceiling.
 
@@ -277,7 +290,8 @@ class FaissNegativeBank:
             exclude_text_dupes: also drop documents whose ``text_group``
                 equals that of an excluded document (needs text groups).
             skip_top: drop the first ``skip_top`` survivors (rank window).
-            max_similarity: drop survivors with q . d above this value.
+            max_similarity: drop survivors with q . d above this value: a float,
+                or a (B,) tensor of per-query ceilings (e.g. 0.95 x the positive's score).
         Returns:
             indices: (B, k) long ids, best first, on the queries' device.
             vectors: (B, k, D) float32 unit embeddings, detached, same device.
@@ -298,6 +312,8 @@ class FaissNegativeBank:
         excl = self._exclusion_rows(exclude, b)
         groups = self.text_group.cpu() if exclude_text_dupes and self.text_group is not None else None
         excl_groups = None if groups is None else torch.where(excl >= 0, groups[excl.clamp(min=0)], -1)
+        ceiling = None if max_similarity is None else \
+            torch.as_tensor(max_similarity, dtype=torch.float32).detach().cpu().reshape(-1).expand(b)
         out = torch.full((b, k), -1, dtype=torch.long)
         todo = torch.arange(b)
         kk, self.last_search_rounds = min(n, k + skip_top + excl.shape[1] + self.slack), 0
@@ -305,7 +321,7 @@ class FaissNegativeBank:
             self.last_search_rounds += 1
             scores, rows = self._search(q[todo], kk)
             left, picked = self._select(scores, rows, excl[todo], groups, excl_groups, todo, k, skip_top,
-                                        max_similarity)
+                                        None if ceiling is None else ceiling[todo])
             done = left >= k
             out[todo[done]] = picked[done]
             if kk == n and not done.all():
@@ -321,7 +337,7 @@ class FaissNegativeBank:
 
     @staticmethod
     def _select(scores: Tensor, rows: Tensor, excl: Tensor, groups: Tensor | None, excl_groups: Tensor | None,
-                todo: Tensor, k: int, skip_top: int, ceiling: float | None) -> tuple[Tensor, Tensor]:
+                todo: Tensor, k: int, skip_top: int, ceiling: Tensor | None) -> tuple[Tensor, Tensor]:
         """Filter one search round. scores, rows: (b, kk) -> survivors left after the window (b,), picked (b, k).
 
         ``left >= k`` means the row is complete (its picks are exact)."""
@@ -332,7 +348,7 @@ class FaissNegativeBank:
         rank = keep.cumsum(1)  # 1-based rank among survivors
         start = torch.full((rows.shape[0],), skip_top, dtype=torch.long)
         if ceiling is not None:  # scores are sorted, so those above the ceiling are a prefix
-            start = torch.maximum(start, (keep & (scores > ceiling)).sum(1))
+            start = torch.maximum(start, (keep & (scores > ceiling.view(-1, 1))).sum(1))
         chosen = keep & (rank > start.unsqueeze(1)) & (rank <= (start + k).unsqueeze(1))
         picked = torch.full((rows.shape[0], k), -1, dtype=torch.long)
         r, c = chosen.nonzero(as_tuple=True)

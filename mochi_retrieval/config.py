@@ -382,9 +382,14 @@ class ModelConfig:
     """Convert BatchNorm layers to SyncBatchNorm in distributed runs."""
     shuffle_bn: bool = True
     """Shuffle the key batch across ranks so BatchNorm cannot leak the positive."""
+    grad_cache_chunk: Optional[int] = None
+    """Text: encode a step's texts in chunks of this many with GradCache (same gradient, memory of one
+    chunk, one extra forward pass); null = one pass. One process only."""
 
     def __post_init__(self) -> None:
         _require(bool(self.encoder), "encoder", "a non-empty name", self.encoder)
+        _require(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk", ">= 1 or null",
+                 self.grad_cache_chunk)
         _require(self.head_hidden_dim > 0, "head_hidden_dim", "> 0", self.head_hidden_dim)
         _require(self.head_out_dim > 0, "head_out_dim", "> 0", self.head_out_dim)
         _require(self.head_layers >= 1, "head_layers", ">= 1", self.head_layers)
@@ -455,6 +460,9 @@ class MoCoConfig:
     """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
     max_neg_pos_ratio: Optional[float] = None
     """Text: mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives)."""
+    gradient: Literal["query_only", "joint"] = "query_only"
+    """Text, shared encoder: detached negatives (queue, bank vectors, MoCHi) score the query only and the
+    documents get the in-batch (and mined) term's gradient ("query_only"), or one softmax over all ("joint")."""
 
     def __post_init__(self) -> None:
         _require(self.max_neg_pos_ratio is None or self.max_neg_pos_ratio > 0, "max_neg_pos_ratio", "> 0 or null",
@@ -480,6 +488,8 @@ class MoCHiSettings:
     """Upper bound of the query weight b ~ U(0, beta_max) in query mixes."""
     warmup_epochs: float = 15.0
     """Epochs of plain MoCo before mixing starts (an early queue is near random)."""
+    cap_at_positive: bool = False
+    """Drop synthetic points scoring above the query's positive (q.h > q.k); for text temperatures."""
 
     def __post_init__(self) -> None:
         for key in ("n_hard", "n_mix", "n_query_mix"):
@@ -495,7 +505,13 @@ class BankConfig:
     enabled: bool = False
     """Add the bank's candidates to each query's negatives (and MoCHi's hard pool)."""
     candidates: int = 16
-    """c: candidate negatives per query (top-c by similarity after exclusions)."""
+    """c: detached candidate negatives per query (stored vectors; top-c by similarity after exclusions)."""
+    mined_negatives: int = 0
+    """Text: n negatives per query mined from the bank and re-encoded with gradient (taken before the c)."""
+    exclude_family: bool = False
+    """Text: the bank also excludes a positive's family (documents sharing its first paragraph)."""
+    max_pos_ratio: Optional[float] = None
+    """Text: skip candidates with q.d above this share of q.k (sentence-transformers' relative_margin = 1 - r)."""
     refresh_every: int = 0
     """Re-embed the whole bank every R steps; 0 = only at the start (in-place updates keep it fresh)."""
     update_with_keys: bool = True
@@ -512,7 +528,12 @@ class BankConfig:
     """Documents per forward pass when the bank is re-embedded."""
 
     def __post_init__(self) -> None:
-        _require(self.candidates >= 1, "candidates", ">= 1", self.candidates)
+        _require(self.candidates >= 0, "candidates", ">= 0", self.candidates)
+        _require(self.mined_negatives >= 0, "mined_negatives", ">= 0", self.mined_negatives)
+        _require(self.max_pos_ratio is None or self.max_pos_ratio > 0, "max_pos_ratio", "> 0 or null",
+                 self.max_pos_ratio)
+        _require(self.candidates + self.mined_negatives >= 1, "candidates",
+                 ">= 1 unless mined_negatives > 0", self.candidates)
         _require(self.refresh_every >= 0, "refresh_every", ">= 0", self.refresh_every)
         _require(self.skip_top >= 0, "skip_top", ">= 0", self.skip_top)
         _require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
@@ -644,6 +665,10 @@ class ExperimentConfig:
                      "0 for image runs (an image bank is kept fresh by each batch's keys)", self.bank.refresh_every)
             _require(not self.bank.enabled or self.bank.update_with_keys, "bank.update_with_keys",
                      "true for image runs (the keys are what fills an image bank)", self.bank.update_with_keys)
+            _require(not self.bank.enabled or self.bank.mined_negatives == 0, "bank.mined_negatives",
+                     "0 for image runs (re-encoding mined texts is a text feature)", self.bank.mined_negatives)
+            _require(not self.bank.enabled or self.bank.candidates >= 1, "bank.candidates", ">= 1 for image runs",
+                     self.bank.candidates)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")
@@ -654,6 +679,7 @@ class ExperimentConfig:
         pool = self.moco.queue_size
         pool += self.bank.candidates * self.bank.enabled
         if self.data.is_text:
+            pool += self.bank.mined_negatives * self.bank.enabled * self.train.batch_size
             pool += (self.train.batch_size - 1) * self.moco.in_batch_negatives
         _require(m.n_hard <= pool, "mochi.n_hard",
                  f"<= the negatives per query ({pool}: moco.queue_size"

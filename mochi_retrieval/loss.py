@@ -29,6 +29,10 @@ class MoCHiConfig:
         beta_max: query weight b ~ U(0, beta_max).
         warmup_epochs: plain MoCo before this many (possibly fractional) epochs,
             since an early queue is near random.
+        cap_at_positive: drop synthetic points that score above the query's
+            positive (q.h > q.k). At text temperatures (about 0.05) query mixes
+            b q + (1 - b) n of a near-duplicate pool can outscore the positive
+            and take most of the softmax mass.
     """
 
     n_hard: int = 1024
@@ -36,6 +40,7 @@ class MoCHiConfig:
     n_query_mix: int = 256
     beta_max: float = 0.5
     warmup_epochs: float = 0.0
+    cap_at_positive: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_hard", "n_mix", "n_query_mix"):
@@ -154,6 +159,8 @@ def contrastive_loss(
             neg, mochi.n_hard, mochi.n_mix, mochi.n_query_mix, mochi.beta_max, generator=generator
         )
         synthetic = mixing.synthetic_logits(q, neg, negatives, plan)
+        if mochi.cap_at_positive:
+            synthetic = synthetic.masked_fill(synthetic > pos.detach().unsqueeze(1), float("-inf"))
     loss = info_nce_from_logits(pos, neg, temperature, synthetic)
     return ContrastiveOutput(loss, proxy_accuracy(pos, neg), pos, neg, synthetic, plan)
 

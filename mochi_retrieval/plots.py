@@ -8,7 +8,9 @@ logger = logging.getLogger(__name__)
 
 # Curves worth a panel each, in display order, when they were logged.
 PANELS = ("loss", "accuracy", "knn_monitor", "pos_sim", "hardest_neg_sim", "hard_pool_sim", "alignment",
-          "uniformity", "false_neg_hard_pool", "false_neg_synthetic_sources", "lr")
+          "uniformity", "false_neg_hard_pool", "false_neg_synthetic_sources", "doc_cosine", "mass_positive",
+          "mass_in_batch", "mass_mined", "mass_queue", "mass_bank", "mass_synthetic", "grad_mass_share",
+          "false_neg_family_top16", "lr")
 
 
 def plot_history(history: list[dict[str, float]], path: str | Path) -> Path | None:

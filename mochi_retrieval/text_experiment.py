@@ -16,7 +16,7 @@ import torch
 
 from .config import ExperimentConfig
 from .data.images import Sharding
-from .data.text_pairs import TextPairBatches, TextPairs, duplicate_groups
+from .data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
 from .encoders import create_encoder
 from .loss import MoCHiConfig
 from .text_model import BankCorpus, BankSettings, TextMoCo
@@ -97,20 +97,26 @@ def build_text_data(cfg: ExperimentConfig, accelerator, pairs: TextPairs, encode
 
 def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_per_epoch: int) -> TextMoCo:
     mc, b = cfg.mochi, cfg.bank
-    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs) if mc.enabled else None
+    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs,
+                        mc.cap_at_positive) if mc.enabled else None
     docs = pairs.doc_space()
     bank = corpus = None
     if b.enabled:
         bank = BankSettings(b.candidates, b.refresh_every, b.update_with_keys, b.skip_top, b.max_similarity,
-                            b.backend, b.device, b.encode_batch_size)
+                            b.backend, b.device, b.encode_batch_size, b.mined_negatives, b.exclude_family,
+                            b.max_pos_ratio)
         ids = pairs.training_doc_ids()
         corpus = BankCorpus(ids, [cfg.data.document_prefix + docs[i] for i in ids.tolist()])
+    # False negatives are judged on what the encoder sees: the prefixed text after truncation.
+    groups, table = token_groups([cfg.data.document_prefix + d for d in docs], encoder.tokenize)
     return TextMoCo(
-        encoder, duplicate_groups(docs), key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
+        encoder, groups, key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
         momentum=cfg.moco.momentum, momentum_schedule=cfg.moco.momentum_schedule,
         total_steps=cfg.train.epochs * batches_per_epoch, temperature=cfg.moco.temperature,
         in_batch_negatives=cfg.moco.in_batch_negatives, mochi=mochi, bank=bank, bank_corpus=corpus,
-        max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio, seed=cfg.seed)
+        max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio, gradient=cfg.moco.gradient,
+        doc_families=family_groups(docs), token_groups=table, grad_cache_chunk=cfg.model.grad_cache_chunk,
+        seed=cfg.seed)
 
 
 class TextEvaluator:
@@ -149,8 +155,23 @@ class TextEvaluator:
             tokens = {k: v.to(self.device) for k, v in encoder.tokenize(texts).items()}
             return encoder(tokens).float()
 
-        results = self.evaluator()(encode)
+        results = self.score(encode)
         encoder.train(was_training)
+        return results
+
+    def score(self, encode) -> dict[str, float]:
+        """The evaluator's metrics plus ``doc_mean_cosine``: the mean cosine between the split's documents
+        (how spread out the document embeddings are; it rises when documents collapse together)."""
+        from .eval.retrieval import encode_in_batches
+        from .search import l2_normalize
+        from .text_negatives import mean_pairwise_cosine
+
+        ev = self.evaluator()
+        q = encode_in_batches(encode, ev.queries, ev.batch_size, "queries", ev.show_progress)
+        c = encode_in_batches(encode, ev.corpus, ev.batch_size, "corpus", ev.show_progress)
+        results = dict(ev.evaluate_embeddings(q, c).metrics)
+        results["doc_mean_cosine"] = float(mean_pairwise_cosine(l2_normalize(c.float())))
+        logger.info("retrieval: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         return results
 
 

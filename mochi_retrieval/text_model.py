@@ -1,26 +1,37 @@
-"""Contrastive text retrieval: in-batch documents, a MoCo queue and a FAISS bank, with MoCHi.
+"""Contrastive text retrieval: in-batch documents, mined documents, a MoCo queue and a FAISS bank, with MoCHi.
 
 One call of :meth:`TextMoCo.forward` is one training step's maths. Per query
-the negatives are the union of three sources (each may be switched off):
+the negatives are the union of four sources, in this order (each may be off):
 
 - **in-batch**: every other document of the global batch (and any hard
-  negatives the pairs carry), as in ``MultipleNegativesRankingLoss``; in the
-  shared mode they carry gradient;
+  negatives the pairs carry), as in ``MultipleNegativesRankingLoss``; with
+  gradient in the shared mode;
+- **mined**: the bank's top-n documents per query, re-encoded by the network
+  with gradient (ANCE / DPR, or sentence-transformers' triplets) and shared
+  across the batch like in-batch documents;
 - **queue**: the keys of recent batches (detached), a :class:`MomentumQueue`;
-- **bank**: the top-c documents of the training corpus by similarity to the
-  query, from a :class:`FaissNegativeBank` refreshed every R steps (ANCE) and
-  patched with each batch's keys in between.
+- **bank**: the next c documents by similarity to the query from a
+  :class:`FaissNegativeBank` refreshed every R steps, as stored vectors (detached).
 
 MoCHi's hard pool is taken from that union. False negatives are masked in
-every source: the query's own positive documents (every document its query
-text is paired with) and documents whose text equals one of theirs.
+every source: the query's own positives and anything whose tokenised input
+equals one of theirs; an entry present in several sources counts once.
 
-Key encoder: ``"shared"`` encodes documents with the query network itself
-(with gradient, like sentence-transformers' in-batch losses; the queue holds
-detached document embeddings), ``"momentum"`` with an EMA copy (MoCo).
+Gradient balance (shared mode). Documents carry gradient; the detached sources
+(queue, bank vectors, MoCHi's synthetic points) do not. In one softmax they take
+probability mass from the in-batch documents, so each document is pulled to
+its query and hardly pushed from the others, and documents collapse together.
+With ``gradient="query_only"`` (the default) the loss is two terms: the union
+of every source scores the query (documents detached), and the
+gradient-carrying sources alone score the documents (query detached), which is
+``MultipleNegativesRankingLoss``'s document gradient. With no detached source
+this is the one-softmax loss itself. ``"joint"`` keeps one softmax over
+everything (for comparison). Key encoder ``"momentum"`` (MoCo) gives documents
+no gradient at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -34,8 +45,11 @@ from torch import Tensor, nn
 from . import distributed
 from .bank import BankSettings, FaissNegativeBank
 from .encoders import cosine_momentum, encoder_output_dim, make_momentum_copy, momentum_update
-from .loss import MoCHiConfig, contrastive_loss, negative_logits
+from .grad_cache import GradCache
+from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
 from .queue import NO_ID, MomentumQueue
+from .text_negatives import (Source, duplicate_mask, false_negative_mask, family_share, mean_pairwise_cosine,
+                             source_mass)
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +68,6 @@ class BankCorpus:
             raise ValueError(f"bank corpus: {self.ids.numel()} ids for {len(self.texts)} texts")
 
 
-def pad_rows(rows: Sequence[Sequence[int]], fill: int = NO_ID) -> Tensor:
-    """Ragged int rows -> (n, max_len) long tensor padded with ``fill``."""
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(width, 1)), fill, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-    return out
-
-
-def false_negative_mask(entry_ids: Tensor, entry_groups: Tensor, exclude: Tensor, exclude_groups: Tensor) -> Tensor:
-    """(B, M) True where entry m is a false negative for query b.
-
-    Args:
-        entry_ids, entry_groups: (M,) doc id and text group of each entry (-1 = unknown, never masked).
-        exclude, exclude_groups: (B, E) the query's positive doc ids and their groups, -1 padded.
-    """
-    same_id = (entry_ids.view(1, -1, 1) == exclude.unsqueeze(1)) & (entry_ids.view(1, -1, 1) != NO_ID)
-    same_group = (entry_groups.view(1, -1, 1) == exclude_groups.unsqueeze(1)) & (entry_groups.view(1, -1, 1) != NO_ID)
-    return (same_id | same_group).any(dim=2)
-
 
 class TextMoCo(nn.Module):
     """Text retrieval model: queries and documents through one encoder (or a momentum copy).
@@ -82,8 +75,8 @@ class TextMoCo(nn.Module):
     Args:
         encoder: token batch -> (B, D) pooled embeddings; exposes ``output_dim``
             and ``tokenize(texts)`` (e.g. :class:`HFTextEncoder`).
-        doc_groups: (N_docs,) text group of every doc id (equal = identical
-            text); ids index it.
+        doc_groups: (N_docs,) group of every doc id (equal = the same input after
+            tokenisation and truncation); ids index it.
         key_encoder: "shared" or "momentum".
         queue_size: K; 0 disables the queue.
         momentum: EMA coefficient of the momentum key encoder.
@@ -97,6 +90,14 @@ class TextMoCo(nn.Module):
             share of the query's positive score, q.n > r * q.k: a positive-aware
             filter against near-duplicate false negatives (TopK-PercPos of
             NV-Retriever, Moreira et al. 2024, with the model as its own teacher).
+        gradient: "query_only" (detached sources score the query only; see the
+            module docstring) or "joint" (one softmax over every source).
+        doc_families: (N_docs,) family of every doc id (e.g. its first paragraph),
+            for ``bank.exclude_family`` and the false-negative monitor; None = groups.
+        token_groups: tokenised input (tuple of token ids) -> group, to mask given
+            negatives (which have no doc id) like the rest.
+        grad_cache_chunk: encode in chunks of this many texts with GradCache (same
+            gradient, memory of one chunk); None = one pass.
         seed: seeds the MoCHi draws of step t as (seed, t, rank).
     """
 
@@ -116,11 +117,17 @@ class TextMoCo(nn.Module):
         bank: BankSettings | None = None,
         bank_corpus: BankCorpus | None = None,
         max_neg_pos_ratio: float | None = None,
+        gradient: Literal["query_only", "joint"] = "query_only",
+        doc_families: Tensor | None = None,
+        token_groups: Mapping[tuple[int, ...], int] | None = None,
+        grad_cache_chunk: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if key_encoder not in ("shared", "momentum"):
             raise ValueError(f"key_encoder must be 'shared' or 'momentum', got {key_encoder!r}")
+        if gradient not in ("query_only", "joint"):
+            raise ValueError(f"gradient must be 'query_only' or 'joint', got {gradient!r}")
         if not (in_batch_negatives or queue_size > 0 or bank is not None):
             raise ValueError("no negatives: enable in-batch negatives, the queue (queue_size > 0) or the bank")
         if bank is not None and bank_corpus is None:
@@ -130,20 +137,31 @@ class TextMoCo(nn.Module):
         if momentum_schedule not in ("constant", "cosine") or (momentum_schedule == "cosine" and not total_steps):
             raise ValueError(f"momentum_schedule must be 'constant' or 'cosine' (with total_steps), "
                              f"got {momentum_schedule!r}")
+        if grad_cache_chunk is not None and grad_cache_chunk < 1:
+            raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
         dim = encoder_output_dim(encoder)
         self.query_encoder = encoder
         self.key_encoder = make_momentum_copy(encoder) if key_encoder == "momentum" else None
-        self.shared = key_encoder == "shared"
+        self.shared, self.gradient = key_encoder == "shared", gradient
         self.queue = MomentumQueue(queue_size, dim) if queue_size > 0 else None
-        self.register_buffer("doc_groups", doc_groups.detach().to(torch.long).reshape(-1).clone())
+        groups = doc_groups.detach().to(torch.long).reshape(-1).clone()
+        self.register_buffer("doc_groups", groups)
+        families = groups if doc_families is None else doc_families.detach().to(torch.long).reshape(-1).clone()
+        if families.shape != groups.shape:
+            raise ValueError(f"doc_families has {families.numel()} entries for {groups.numel()} documents")
+        self.register_buffer("doc_families", families)
+        self.token_groups = dict(token_groups or {})
         self.momentum, self.momentum_schedule, self.total_steps = momentum, momentum_schedule, total_steps
         self.temperature, self.in_batch, self.mochi, self.seed = temperature, in_batch_negatives, mochi, seed
+        self.grad_cache_chunk = grad_cache_chunk
         self.bank_settings, self.bank_corpus = bank, bank_corpus
         self.bank: FaissNegativeBank | None = None
         if bank is not None:
-            if bank.candidates + bank.skip_top > len(bank_corpus.texts):
-                raise ValueError(f"bank.candidates={bank.candidates} (+ skip_top={bank.skip_top}) is more than "
-                                 f"the corpus holds ({len(bank_corpus.texts)} documents)")
+            wanted = bank.candidates + bank.mined_negatives + bank.skip_top
+            if wanted > len(bank_corpus.texts):
+                mined = f" + mined_negatives={bank.mined_negatives}" if bank.mined_negatives else ""
+                raise ValueError(f"bank.candidates={bank.candidates}{mined} (+ skip_top={bank.skip_top}) is more "
+                                 f"than the corpus holds ({len(bank_corpus.texts)} documents)")
             self.bank = FaissNegativeBank(bank.backend, bank.device)
         if max_neg_pos_ratio is not None and max_neg_pos_ratio <= 0:
             raise ValueError(f"max_neg_pos_ratio must be > 0, got {max_neg_pos_ratio}")
@@ -167,15 +185,12 @@ class TextMoCo(nn.Module):
     def _key_net(self) -> nn.Module:
         return self.query_encoder if self.shared else self.key_encoder
 
-    def _embed(self, net: nn.Module, tokens: TokenBatch) -> Tensor:
-        return F.normalize(net(tokens).float(), dim=1)
-
-    def _keys(self, tokens: TokenBatch) -> Tensor:
-        """(B, D) unit document keys; with gradient in the shared mode."""
+    def _docs(self, tokens: TokenBatch, cache: GradCache) -> Tensor:
+        """(n, D) unit document embeddings; with gradient in the shared mode."""
         if self.shared:
-            return self._embed(self.query_encoder, tokens)
+            return cache.embed(self.query_encoder, tokens)
         with torch.no_grad():
-            return self._embed(self.key_encoder, tokens)
+            return F.normalize(self.key_encoder(tokens).float(), dim=1)
 
     # ------------------------------------------------------------------ bank
     def bank_due(self, step: int | None) -> bool:
@@ -188,7 +203,7 @@ class TextMoCo(nn.Module):
 
     @torch.no_grad()
     def refresh_bank(self, step: int | None = None, progress: bool = False) -> float:
-        """Re-embed the bank's documents with the key encoder; returns the seconds it took.
+        """Re-embed the bank's documents with the key encoder (eval mode); returns the seconds it took.
 
         Each process embeds a 1/W slice and the slices are gathered, so every
         process holds the same bank.
@@ -211,7 +226,8 @@ class TextMoCo(nn.Module):
         emb = distributed.all_gather_cat(emb.to(device))
         net.train(was_training)
         ids = self.bank_corpus.ids
-        self.bank.refresh(emb, ids=ids, text_group=self.doc_groups.cpu()[ids])
+        key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
+        self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids])
         seconds = time.perf_counter() - start
         self.refresh_log.append({"step": -1 if step is None else step, "seconds": seconds, "documents": len(texts)})
         logger.info("bank refresh at step %s: %d documents in %.1f s", step, len(texts), seconds)
@@ -222,10 +238,21 @@ class TextMoCo(nn.Module):
         self._generator = distributed.step_generator(self._generator, self.seed, step, device)
         return self._generator
 
+    def _lookup(self, table: Tensor, ids: Tensor) -> Tensor:
+        """Rows of a per-doc table at doc ids (any shape), -1 where the id is -1."""
+        ids = ids.to(table.device)
+        return torch.where(ids >= 0, table[ids.clamp(min=0)], NO_ID)
+
     def _groups_of(self, ids: Tensor) -> Tensor:
-        """Text groups of doc ids (any shape), -1 where the id is -1."""
-        safe = ids.clamp(min=0).to(self.doc_groups.device)
-        return torch.where(ids.to(self.doc_groups.device) >= 0, self.doc_groups[safe], NO_ID)
+        """Groups of doc ids (any shape), -1 where the id is -1."""
+        return self._lookup(self.doc_groups, ids)
+
+    def _groups_of_tokens(self, tokens: TokenBatch) -> Tensor:
+        """(n,) group of each tokenised text (given negatives), -1 when it matches no document."""
+        ids, mask = tokens["input_ids"].cpu(), tokens["attention_mask"].cpu().bool()
+        keys = [tuple(row[m].tolist()) for row, m in zip(ids, mask)]
+        return torch.tensor([self.token_groups.get(k, NO_ID) for k in keys], dtype=torch.long,
+                            device=self.doc_groups.device)
 
     def forward(
         self,
@@ -251,14 +278,16 @@ class TextMoCo(nn.Module):
                 schedule and reproducible MoCHi draws.
         Returns:
             ``loss``, ``accuracy`` (proxy top-1 over real negatives), ``q``,
-            ``k`` (B, D) detached, ``pos_logits`` (B,), ``neg_logits`` (B, M).
+            ``k`` (B, D) detached, ``pos_logits`` (B,), ``neg_logits`` (B, M),
+            ``monitors`` (a dict of scalar tensors: softmax mass per source,
+            mean doc-doc cosine of the batch, false-negative share of the hard pool).
         """
         if self.bank_due(step):
             self.refresh_bank(step)
-        device = ids.device
+        cache = GradCache(self.grad_cache_chunk)
         exclude = ids.view(-1, 1) if exclude is None else exclude
         exclude_groups = self._groups_of(exclude)
-        q = self._embed(self.query_encoder, query)
+        q = cache.embed(self.query_encoder, query)
         if not torch.isfinite(q).all():
             nan = q.sum() * float("nan")
             return {"loss": nan, "accuracy": nan.detach()}
@@ -267,48 +296,160 @@ class TextMoCo(nn.Module):
                 m = cosine_momentum(self.momentum, step, self.total_steps) \
                     if self.momentum_schedule == "cosine" and step is not None else self.momentum
                 momentum_update(self.query_encoder, self.key_encoder, m)
-        k = self._keys(positive)
-        blocks: list[Tensor] = []
-        masks: list[Tensor] = []
+        k = self._docs(positive, cache)
+        sources = self._sources(q, k, ids, exclude, exclude_groups, negatives, cache)
+        mask = self._mask(q, k, sources)
+        generator = self._step_generator(step, ids.device) if step is not None else None
+        with torch.autocast(device_type=ids.device.type, enabled=False):
+            out, loss = self._loss(q, k, sources, mask, epoch, generator)
+        loss = cache.attach(loss)
+        self._write_keys(k.detach(), ids)
+        monitors = self._monitors(out, k.detach(), ids, sources)
+        return {"loss": loss, "accuracy": out.accuracy, "q": q.detach(), "k": k.detach(),
+                "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach(), "monitors": monitors}
+
+    # ------------------------------------------------------------------ sources
+    def _sources(self, q: Tensor, k: Tensor, ids: Tensor, exclude: Tensor, exclude_groups: Tensor,
+                 negatives: TokenBatch | None, cache: GradCache) -> list[Source]:
+        device = q.device
+        sources: list[Source] = []
+
+        def shared(name: str, vectors: Tensor, entry_ids: Tensor, groups: Tensor, grad: bool) -> None:
+            mask = false_negative_mask(entry_ids, groups, exclude, exclude_groups)
+            sources.append(Source(name, vectors, entry_ids, groups, grad, mask))
+
         if self.in_batch:
-            batch_keys, batch_ids = self._in_batch(k, ids, negatives)
-            blocks.append(batch_keys)
-            masks.append(false_negative_mask(batch_ids, self._groups_of(batch_ids), exclude, exclude_groups))
+            keys, key_ids, key_groups = self._in_batch(k, ids, negatives, cache)
+            shared("in_batch", keys, key_ids, key_groups, self.shared)
+        mined_ids, bank_ids, bank_vectors = self._mine(q, k, ids, exclude)
+        if mined_ids is not None:
+            flat = mined_ids.reshape(-1)
+            texts = [self.bank_corpus_text(int(i)) for i in flat.tolist()]
+            tokens = {key: v.to(device) for key, v in self.query_encoder.tokenize(texts).items()}
+            vecs = self._gather(self._docs(tokens, cache))
+            flat = distributed.all_gather_cat(flat.to(device))
+            shared("mined", vecs, flat, self._groups_of(flat), self.shared)
         if self.queue is not None:
             # A copy: backward needs the keys as they were, after add() overwrote some.
-            blocks.append(self.queue.negatives().clone())
-            masks.append(false_negative_mask(self.queue.ids, self.queue.labels, exclude, exclude_groups))
-        if self.bank is not None:
-            s = self.bank_settings
-            _, vectors = self.bank.candidates(q, s.candidates, exclude=exclude, exclude_text_dupes=True,
-                                              skip_top=s.skip_top, max_similarity=s.max_similarity)
-            blocks.append(vectors.to(device))
-            masks.append(torch.zeros(vectors.shape[:2], dtype=torch.bool, device=device))
-        mask = torch.cat(masks, dim=1)
-        if self.max_neg_pos_ratio is not None:
-            with torch.no_grad():
-                scores = negative_logits(q, blocks)  # (B, M)
-                mask = mask | (scores > self.max_neg_pos_ratio * (q * k).sum(1, keepdim=True))
-        generator = self._step_generator(step, device) if step is not None else None
-        with torch.autocast(device_type=device.type, enabled=False):
-            out = contrastive_loss(q, k, blocks, self.temperature, mochi=self.mochi, epoch=epoch,
-                                   neg_mask=mask, generator=generator)
-        self._write_keys(k.detach(), ids)
-        return {"loss": out.loss, "accuracy": out.accuracy, "q": q.detach(), "k": k.detach(),
-                "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach()}
+            shared("queue", self.queue.negatives().clone(), self.queue.ids, self.queue.labels, False)
+        if bank_vectors is not None:  # the bank excluded the query's positives already
+            sources.append(Source("bank", bank_vectors.to(device), bank_ids.to(device),
+                                  self._groups_of(bank_ids), False,
+                                  torch.zeros(bank_ids.shape, dtype=torch.bool, device=device)))
+        return sources
 
-    def _in_batch(self, k: Tensor, ids: Tensor, negatives: TokenBatch | None) -> tuple[Tensor, Tensor]:
-        """Keys of the global batch, differentiable across processes in the shared mode, and their doc ids."""
-        keys, key_ids = k, ids
-        if negatives is not None:  # given hard negatives: no doc id, never masked
-            hard = self._keys(negatives)
+    def bank_corpus_text(self, doc_id: int) -> str:
+        """The (prefixed) text of a bank document by doc id."""
+        if not hasattr(self, "_text_of"):
+            self._text_of = dict(zip(self.bank_corpus.ids.tolist(), self.bank_corpus.texts))
+        return self._text_of[doc_id]
+
+    def _mine(self, q: Tensor, k: Tensor, ids: Tensor,
+              exclude: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """One bank search per step: (B, n) ids to re-encode, then (B, c) ids and (B, c, D) detached vectors.
+
+        Mining excludes the query's positives and (for the re-encoded part) the
+        batch's documents, which are negatives already. The positive-aware
+        ceilings (``bank.max_pos_ratio``, and ``max_neg_pos_ratio``, so that no
+        mined document is re-encoded only to be masked) apply here.
+        """
+        if self.bank is None:
+            return None, None, None
+        s = self.bank_settings
+        n, c = s.mined_negatives, s.candidates
+        batch_ids = distributed.all_gather_cat(ids)
+        excl = torch.cat([exclude, batch_ids.view(1, -1).expand(q.shape[0], -1)], dim=1) if n else exclude
+        ceiling = s.max_similarity
+        ratios = [r for r in (s.max_pos_ratio, self.max_neg_pos_ratio) if r is not None]
+        if ratios:
+            relative = min(ratios) * (q * k).sum(1).detach()
+            ceiling = relative if ceiling is None else relative.clamp(max=ceiling)
+        found, vectors = self.bank.candidates(q.detach(), n + c, exclude=excl, exclude_text_dupes=True,
+                                              skip_top=s.skip_top, max_similarity=ceiling)
+        mined = found[:, :n] if n else None
+        return mined, (found[:, n:] if c else None), (vectors[:, n:] if c else None)
+
+    def _gather(self, keys: Tensor) -> Tensor:
+        """Keys of every process; differentiable across processes when they carry gradient."""
+        if distributed.world_size() == 1:
+            return keys
+        return distributed.all_gather_with_grad(keys) if keys.requires_grad else distributed.all_gather_cat(keys)
+
+    def _in_batch(self, k: Tensor, ids: Tensor, negatives: TokenBatch | None,
+                  cache: GradCache) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys of the global batch (and given negatives), their doc ids and groups."""
+        keys, key_ids, groups = k, ids, self._groups_of(ids)
+        if negatives is not None:  # given hard negatives: no doc id; groups from their tokens
+            hard = self._docs(negatives, cache)
             keys = torch.cat([k, hard])
             key_ids = torch.cat([ids, torch.full((hard.shape[0],), NO_ID, dtype=torch.long, device=ids.device)])
-        if distributed.world_size() > 1:
-            # Shared mode: other ranks' losses send gradient back to this rank's keys.
-            keys = distributed.all_gather_with_grad(keys) if keys.requires_grad else distributed.all_gather_cat(keys)
-            key_ids = distributed.all_gather_cat(key_ids)
-        return keys, key_ids
+            groups = torch.cat([groups, self._groups_of_tokens(negatives).to(groups.device)])
+        return self._gather(keys), distributed.all_gather_cat(key_ids), distributed.all_gather_cat(groups)
+
+    # ------------------------------------------------------------------ loss
+    def _mask(self, q: Tensor, k: Tensor, sources: list[Source]) -> Tensor:
+        """(B, M) false negatives, duplicates across sources, and the positive-aware ceiling."""
+        b = q.shape[0]
+        mask = torch.cat([s.mask for s in sources], dim=1)
+        groups = torch.cat([s.per_query(s.groups.to(mask.device), b) for s in sources], dim=1)
+        entry_ids = torch.cat([s.per_query(s.ids.to(mask.device), b) for s in sources], dim=1)
+        # Entries with no group fall back to their doc id, as -2 - id so that the two never collide.
+        key = torch.where(groups >= 0, groups, torch.where(entry_ids >= 0, -2 - entry_ids, NO_ID))
+        source = torch.cat([torch.full((s.width,), i) for i, s in enumerate(sources)])
+        mask = mask | duplicate_mask(key, source)
+        if self.max_neg_pos_ratio is not None:
+            with torch.no_grad():
+                scores = negative_logits(q, [s.vectors for s in sources])  # (B, M)
+                mask = mask | (scores > self.max_neg_pos_ratio * (q * k).sum(1, keepdim=True))
+        return mask
+
+    def _loss(self, q: Tensor, k: Tensor, sources: list[Source], mask: Tensor, epoch: float,
+              generator: torch.Generator | None) -> tuple[ContrastiveOutput, Tensor]:
+        """The union's InfoNCE; in the balanced shared mode, plus the document term (see the module docstring)."""
+        blocks = [s.vectors for s in sources]
+        mochi = self._step_mochi(mask, epoch)
+        mixing_on = mochi is not None
+        detached = mixing_on or any(not s.grad for s in sources)
+        if not (self.shared and self.gradient == "query_only" and detached):
+            out = contrastive_loss(q, k, blocks, self.temperature, mochi=mochi, epoch=epoch,
+                                   neg_mask=mask, generator=generator)
+            return out, out.loss
+        out = contrastive_loss(q, k.detach(), [v.detach() for v in blocks], self.temperature, mochi=mochi,
+                               epoch=epoch, neg_mask=mask, generator=generator)
+        keep = [i for i, s in enumerate(sources) if s.grad]
+        if not keep:
+            return out, out.loss
+        cols = torch.cat([torch.full((s.width,), s.grad, dtype=torch.bool) for s in sources]).to(mask.device)
+        qd = q.detach()
+        doc_loss = info_nce_from_logits((qd * k).sum(1), negative_logits(qd, [blocks[i] for i in keep], mask[:, cols]),
+                                        self.temperature)
+        return out, out.loss + doc_loss
+
+    def _step_mochi(self, mask: Tensor, epoch: float) -> MoCHiConfig | None:
+        """This step's MoCHi settings: None before the warm-up; the hard pool shrunk to the fewest unmasked
+        negatives of any query (masks and duplicates vary per step); None when under 2 remain."""
+        if self.mochi is None or not self.mochi.active(epoch):
+            return None
+        left = int((~mask).sum(1).min())
+        if left >= self.mochi.n_hard:
+            return self.mochi
+        if left < 2:
+            return None
+        return dataclasses.replace(self.mochi, n_hard=left)
+
+    @torch.no_grad()
+    def _monitors(self, out: ContrastiveOutput, k: Tensor, ids: Tensor, sources: list[Source]) -> dict[str, Tensor]:
+        b = k.shape[0]
+        widths = {s.name: s.width for s in sources}
+        stats = source_mass(out.pos_logits, out.neg_logits, out.synthetic_logits, widths, self.temperature)
+        negative_mass = 1.0 - stats["mass_positive"]
+        grad_mass = sum((stats[f"mass_{s.name}"] for s in sources if s.grad), torch.zeros((), device=k.device))
+        stats["grad_mass_share"] = grad_mass / negative_mass.clamp(min=1e-12)
+        stats["doc_cosine"] = mean_pairwise_cosine(k)
+        families = torch.cat([s.per_query(self._lookup(self.doc_families, s.ids), b) for s in sources], dim=1)
+        stats["false_neg_family_top16"] = family_share(out.neg_logits, families.to(out.neg_logits.device),
+                                                        self._lookup(self.doc_families, ids).to(k.device), 16)
+        return stats
 
     @torch.no_grad()
     def _write_keys(self, k: Tensor, ids: Tensor) -> None:

@@ -247,6 +247,8 @@ class Trainer:
             self.micro_step += 1
             for key in ("loss", "accuracy"):  # tensors: no device sync until logged
                 window.setdefault(key, []).append(out[key].detach())
+            for key, value in out.get("monitors", {}).items():  # per-step scalars a model reports
+                window.setdefault(key, []).append(value.detach().float())
             if self.micro_step % self.s.grad_accum_steps:
                 continue
             self.scheduler.step()

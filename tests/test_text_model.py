@@ -10,7 +10,8 @@ from torch import nn
 
 from mochi_retrieval import mixing
 from mochi_retrieval.loss import MoCHiConfig
-from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo, false_negative_mask
+from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
+from mochi_retrieval.text_negatives import false_negative_mask
 
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
 T = 0.05
@@ -119,13 +120,32 @@ def exact_bank_candidates(q, corpus_emb, corpus_ids, exclude, c):
     return torch.stack(out)
 
 
+def dedupe_masks(groups_per_source, masks):
+    """Mask an entry of a later source when an earlier source holds the same group for that query (a loop)."""
+    out = [m.clone() for m in masks]
+    for i in range(masks[0].shape[0]):
+        seen = set()
+        for s, groups in enumerate(groups_per_source):
+            row = groups[i] if groups.dim() == 2 else groups
+            here = set()
+            for j, g in enumerate(row.tolist()):
+                if g >= 0 and g in seen:
+                    out[s][i, j] = True
+                here.add(g)
+            seen |= here
+    return out
+
+
+@pytest.mark.parametrize("gradient", ["joint", "query_only"])
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_union_of_in_batch_queue_and_bank_matches_reference(backend):
+def test_union_of_in_batch_queue_and_bank_matches_reference(backend, gradient):
+    """Joint: one CE over the union. Query-only: that CE (documents detached) plus the in-batch CE
+    (query detached); the same value, gradients split (see the gradient tests)."""
     enc = ToyTextEncoder()
     corpus_ids = torch.arange(len(DOCS))
     bank = BankSettings(candidates=3, backend=backend, device="cpu", update_with_keys=False)
     model = TextMoCo(enc, GROUPS, queue_size=6, temperature=T, bank=bank,
-                     bank_corpus=BankCorpus(corpus_ids, DOCS))
+                     bank_corpus=BankCorpus(corpus_ids, DOCS), gradient=gradient)
     model(**batch_of(enc, [3, 4, 5]), step=0)  # fills half the queue with ids 3, 4, 5
     queue_keys, queue_ids = model.queue.keys.clone(), model.queue.ids.clone()
     b = batch_of(enc, [0, 3, 9])
@@ -141,8 +161,14 @@ def test_union_of_in_batch_queue_and_bank_matches_reference(backend):
         masks = [false_negative_mask(b["ids"], GROUPS[b["ids"]], exclude, ex_groups),
                  false_negative_mask(queue_ids, q_groups, exclude, ex_groups),
                  torch.zeros(3, 3, dtype=torch.bool)]
-        ref = reference_loss(q, k, [k, queue_keys, cands], masks, T)
-    assert masks[1][1].any()  # the queue holds doc 3, query 1's positive: masked
+        assert masks[1][1].any()  # the queue holds doc 3, query 1's positive: masked
+        cand_ids = torch.stack([torch.tensor([int(((corpus - c).abs().sum(1) < 1e-6).nonzero()[0]) for c in row])
+                                for row in cands])
+        deduped = dedupe_masks([GROUPS[b["ids"]], q_groups, GROUPS[cand_ids]], masks)
+        assert deduped[1][0].sum() > masks[1][0].sum()  # doc 3 is in the batch and in the queue: once
+        ref = reference_loss(q, k, [k, queue_keys, cands], deduped, T)
+        if gradient == "query_only":
+            ref = ref + reference_loss(q, k, [k], deduped[:1], T)
     torch.testing.assert_close(out["loss"].detach(), ref, atol=1e-5, rtol=1e-5)
     assert out["neg_logits"].shape == (3, 3 + 6 + 3)
 
@@ -150,10 +176,10 @@ def test_union_of_in_batch_queue_and_bank_matches_reference(backend):
 def test_mochi_pool_is_drawn_from_the_union_and_matches_materialised_mixing():
     """With MoCHi, the loss equals CE over real logits plus q.h for h built explicitly from the union."""
     enc = ToyTextEncoder()
-    mochi = MoCHiConfig(n_hard=8, n_mix=6, n_query_mix=3)
+    mochi = MoCHiConfig(n_hard=6, n_mix=6, n_query_mix=3)
     bank = BankSettings(candidates=2, backend="torch", device="cpu")
     model = TextMoCo(enc, GROUPS, queue_size=4, temperature=T, mochi=mochi, bank=bank,
-                     bank_corpus=BankCorpus(torch.arange(len(DOCS)), DOCS), seed=3)
+                     bank_corpus=BankCorpus(torch.arange(len(DOCS)), DOCS), seed=3, gradient="joint")
     model(**batch_of(enc, [5, 6, 7]), step=0)
     queue_keys = model.queue.keys.clone()
     bank_before = copy.deepcopy(model.bank)
@@ -164,7 +190,7 @@ def test_mochi_pool_is_drawn_from_the_union_and_matches_materialised_mixing():
         _, cands = bank_before.candidates(q, 2, exclude=b["exclude"])
         negatives = (k, queue_keys, cands)
         neg = out["neg_logits"]
-        plan = mixing.sample_plan(neg, 8, 6, 3, generator=model._step_generator(1, q.device))
+        plan = mixing.sample_plan(neg, 6, 6, 3, generator=model._step_generator(1, q.device))
         h = mixing.synthesize(q, negatives, plan)
         synthetic = torch.einsum("bd,bsd->bs", q, h)
         logits = torch.cat([(q * k).sum(1, keepdim=True), neg, synthetic], dim=1) / T

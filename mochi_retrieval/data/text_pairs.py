@@ -252,6 +252,32 @@ def duplicate_groups(texts: Sequence[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def token_groups(texts: Sequence[str], tokenize: Tokenize, batch_size: int = 1024) -> tuple[Tensor, dict]:
+    """Group texts by what the encoder sees: the token ids after truncation.
+
+    Two documents that differ only after the encoder's maximum length are the
+    same input, so one is a false negative for the other's query.
+
+    Returns:
+        groups: (N,) long, equal exactly for equal tokenised inputs, numbered in
+            order of first appearance.
+        table: token-id tuple -> group, to look up other texts (given negatives).
+    """
+    table: dict[tuple[int, ...], int] = {}
+    out: list[int] = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenize(list(texts[i : i + batch_size]))
+        ids, mask = tokens["input_ids"], tokens["attention_mask"].bool()
+        for row, m in zip(ids, mask):
+            out.append(table.setdefault(tuple(row[m].tolist()), len(table)))
+    return torch.tensor(out, dtype=torch.long), table
+
+
+def family_groups(texts: Sequence[str]) -> Tensor:
+    """(N,) long groups of texts sharing their first paragraph (package families: libfoo1, libfoo-dev)."""
+    return duplicate_groups([t.split("\n\n", 1)[0] for t in texts])
+
+
 class TextPairBatches:
     """Tokenized batches of text pairs, deterministic per (seed, epoch), sharded across processes.
 
