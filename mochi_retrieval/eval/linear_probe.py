@@ -153,6 +153,7 @@ def fit_logistic_regression(
 
     with torch.enable_grad():
         opt.step(closure)
+        closure()  # the gradient at the final point (the line search's last trial may lie elsewhere)
     grad = max(w.grad.abs().max().item(), b.grad.abs().max().item())
     n_iter = opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0)
     if grad > tol:
