@@ -66,7 +66,9 @@ def subset(y: torch.Tensor, n: int, seed: int = 1) -> torch.Tensor:
 
 
 def sklearn_probe(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, grid, tol: float):
-    """Held-out choice over ``grid`` (weight decays) by our rule, refit; returns (test top-1, chosen weight decay, C=1 top-1)."""
+    """Held-out choice over ``grid`` (weight decays) by our rule, then a refit.
+
+    Returns (test top-1, chosen weight decay, test top-1 at C=1)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
