@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mochi_retrieval.eval.errors import EvalInputError
+from mochi_retrieval.eval.linear_probe import DEFAULT_MAX_ITER
 
 logger = logging.getLogger("mochi_retrieval.eval")
 
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
-    p.add_argument("--linear-epochs", type=int, default=100)
+    p.add_argument("--linear-max-iter", type=int, default=DEFAULT_MAX_ITER,
+                   help="linear probe: L-BFGS iterations per fit (the probe stops earlier once converged)")
+    p.add_argument("--linear-epochs", type=int, help=argparse.SUPPRESS)  # the former SGD probe's; ignored
     p.add_argument("--image-size", type=int,
                    help="image modes: resize to this side (default: the run's data.image_size)")
     p.add_argument("--limit", type=int, help="image modes: use only the first N train and test items")
@@ -148,7 +151,9 @@ def _run_classification(args: argparse.Namespace) -> dict[str, float]:
         results["knn_top1"] = knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels,
                                        k=args.knn_k, temperature=args.knn_temperature, num_classes=n_classes)
     if args.linear:
-        results["linear_top1"] = linear_probe_top1(feats, epochs=args.linear_epochs, device=args.device)
+        if args.linear_epochs is not None:
+            logger.warning("--linear-epochs is ignored: the linear probe is full-batch L-BFGS (see --linear-max-iter)")
+        results["linear_top1"] = linear_probe_top1(feats, device=args.device, max_iter=args.linear_max_iter)
     return results
 
 
