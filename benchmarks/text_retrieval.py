@@ -51,12 +51,14 @@ OURS = {
     "ours_bank_mochi": BANK + MOCHI,
     "ours_bank_queue_mochi": BANK + MOCHI + ["moco.queue_size=1024"],
     # Ablations: the old single softmax (documents starved by detached negatives), no re-encoded
-    # negatives, no fresh bank, MoCHi with the paper's image settings, the momentum key encoder.
+    # negatives, no fresh bank, MoCHi with the paper's image settings or pair mixes only, the momentum
+    # key encoder with a queue (MoCo).
     "ours_bank_joint": BANK + ["moco.gradient=joint"],
     "ours_bank_detached_only": BANK + ["bank.mined_negatives=0"],
     "ours_bank_no_refresh": BANK + ["bank.refresh_every=0"],
     "ours_bank_mochi_paper": BANK + MOCHI + ["mochi.beta_max=0.5", "mochi.cap_at_positive=false",
                                              "mochi.n_hard=64", "mochi.n_mix=32", "mochi.n_query_mix=16"],
+    "ours_bank_mochi_small": BANK + MOCHI + ["mochi.n_hard=16", "mochi.n_mix=8", "mochi.n_query_mix=0"],
     "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
                             "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }
