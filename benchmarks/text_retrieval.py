@@ -123,6 +123,7 @@ def run_st(cfg, row: str, out: Path) -> dict[str, float]:
     trainer.train()
     seconds = time.perf_counter() - start
     model.eval()
+    model.save(str(out / "model"))  # for evaluations outside the run (e.g. against the whole corpus)
     metrics = evaluate(cfg, lambda texts: model.encode(texts, convert_to_tensor=True, batch_size=len(texts)))
     pairs_seen = t.max_steps * t.batch_size
     return {**metrics, **extra, "pairs_per_s": pairs_seen / (seconds + mining_seconds),
