@@ -279,6 +279,7 @@ class FaissNegativeBank:
         exclude_text_dupes: bool = True,
         skip_top: int = 0,
         max_similarity: float | Tensor | None = None,
+        allow_fewer: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Top-k negatives per query after exclusions, rank window and ceiling.
 
@@ -292,12 +293,15 @@ class FaissNegativeBank:
             skip_top: drop the first ``skip_top`` survivors (rank window).
             max_similarity: drop survivors with q . d above this value: a float,
                 or a (B,) tensor of per-query ceilings (e.g. 0.95 x the positive's score).
+            allow_fewer: a query with fewer than k documents left gets what is
+                left, padded with id -1 and zero vectors, instead of an error.
         Returns:
             indices: (B, k) long ids, best first, on the queries' device.
             vectors: (B, k, D) float32 unit embeddings, detached, same device.
         Raises:
-            ValueError: ``k + skip_top`` exceeds N, or some query has fewer
-                than that many documents left (both numbers in the message).
+            ValueError: ``k + skip_top`` exceeds N, or (unless ``allow_fewer``)
+                some query has fewer than that many documents left (both numbers
+                in the message).
         """
         self._check_ready()
         n, b = len(self), queries.shape[0]
@@ -324,6 +328,9 @@ class FaissNegativeBank:
                                         None if ceiling is None else ceiling[todo])
             done = left >= k
             out[todo[done]] = picked[done]
+            if kk == n and not done.all() and allow_fewer:  # what is left, -1 padded
+                out[todo[~done]] = picked[~done]
+                break
             if kk == n and not done.all():
                 bad = int((~done).nonzero()[0])
                 raise ValueError(
@@ -331,8 +338,12 @@ class FaissNegativeBank:
                     f"left after its exclusions, skip_top={skip_top} and the similarity ceiling "
                     f"(corpus holds {n} documents)")
             todo, kk = todo[~done], min(n, 2 * kk)
-        vectors = self.embeddings[out.to(self.embeddings.device)].to(queries.device, torch.float32)
-        ids = out if self.ids is None else self.ids[out]
+        missing = out < 0
+        vectors = self.embeddings[out.clamp(min=0).to(self.embeddings.device)].to(queries.device, torch.float32)
+        ids = out if self.ids is None else self.ids[out.clamp(min=0)]
+        if missing.any():
+            ids = ids.masked_fill(missing, -1)
+            vectors = vectors.masked_fill(missing.to(vectors.device).unsqueeze(-1), 0.0)
         return ids.to(queries.device), vectors
 
     @staticmethod

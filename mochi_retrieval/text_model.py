@@ -332,10 +332,9 @@ class TextMoCo(nn.Module):
         if self.queue is not None:
             # A copy: backward needs the keys as they were, after add() overwrote some.
             shared("queue", self.queue.negatives().clone(), self.queue.ids, self.queue.labels, False)
-        if bank_vectors is not None:  # the bank excluded the query's positives already
+        if bank_vectors is not None:  # the bank excluded the query's positives; -1 = empty slot
             sources.append(Source("bank", bank_vectors.to(device), bank_ids.to(device),
-                                  self._groups_of(bank_ids), False,
-                                  torch.zeros(bank_ids.shape, dtype=torch.bool, device=device)))
+                                  self._groups_of(bank_ids), False, (bank_ids < 0).to(device)))
         return sources
 
     def bank_corpus_text(self, doc_id: int) -> str:
@@ -364,9 +363,12 @@ class TextMoCo(nn.Module):
         if ratios:
             relative = min(ratios) * (q * k).sum(1).detach()
             ceiling = relative if ceiling is None else relative.clamp(max=ceiling)
+        # A query may have fewer documents left under its ceiling than n + c: -1 pads its slots.
         found, vectors = self.bank.candidates(q.detach(), n + c, exclude=excl, exclude_text_dupes=True,
-                                              skip_top=s.skip_top, max_similarity=ceiling)
-        mined = found[:, :n] if n else None
+                                              skip_top=s.skip_top, max_similarity=ceiling, allow_fewer=True)
+        # A mined slot left empty holds the query's own positive: masked for it (false negative) and, as a
+        # duplicate of an in-batch document, for every other query. The batch keeps a fixed shape.
+        mined = torch.where(found[:, :n] >= 0, found[:, :n], ids.view(-1, 1).to(found.device)) if n else None
         return mined, (found[:, n:] if c else None), (vectors[:, n:] if c else None)
 
     def _gather(self, keys: Tensor) -> Tensor:

@@ -258,3 +258,18 @@ def test_gpu_index_is_sharded_over_several_gpus(monkeypatch, gpus, want) -> None
     fake = _FakeGpuFaiss()
     bank = FaissNegativeBank(device="cpu")
     assert bank._to_gpu(fake, faiss.IndexFlatIP(4)) is not None and fake.calls == [want]
+
+
+def test_allow_fewer_pads_queries_left_short_instead_of_raising():
+    emb = torch.nn.functional.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    bank = FaissNegativeBank("torch", "cpu")
+    bank.refresh(emb)
+    q = emb[:2]
+    ceiling = torch.tensor([1.1, -2.0])  # query 1: nothing scores below -2
+    with pytest.raises(ValueError, match="has only 0 left"):
+        bank.candidates(q, 3, exclude=[{0}, {1}], max_similarity=ceiling)
+    ids, vecs = bank.candidates(q, 3, exclude=[{0}, {1}], max_similarity=ceiling, allow_fewer=True)
+    assert (ids[0] >= 0).all() and (ids[1] == -1).all()
+    assert vecs[1].abs().sum() == 0
+    want = [j for j in torch.argsort(emb[1:] @ q[0], descending=True).add(1).tolist()][:3]
+    assert ids[0].tolist() == want

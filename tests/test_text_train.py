@@ -57,13 +57,17 @@ def text_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-@pytest.mark.parametrize("key_encoder", ["shared", "momentum"])
+@pytest.mark.parametrize("key_encoder,extra", [
+    ("shared", {}),
+    ("momentum", {}),
+    ("shared", {"model.grad_cache_chunk": 3, "mochi.enabled": "true", "moco.gradient": "joint"}),
+])
 def test_text_training_end_to_end_exports_a_sentence_transformers_model(
-        tiny_text_model_dir, tiny_beir, tmp_path, capsys, key_encoder):
+        tiny_text_model_dir, tiny_beir, tmp_path, capsys, key_encoder, extra):
     st = pytest.importorskip("sentence_transformers")
     out = tmp_path / "run"
     code = train.main([str(CONFIG), *text_overrides(tiny_text_model_dir, tiny_beir, out,
-                                                    **{"model.key_encoder": key_encoder})])
+                                                    **{"model.key_encoder": key_encoder, **extra})])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 4 and 0.0 <= results["recall@1"] <= results["recall@3"] <= 1.0
@@ -71,6 +75,10 @@ def test_text_training_end_to_end_exports_a_sentence_transformers_model(
     assert results["bank_refreshes"] == 2  # at the start and at step 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert {"mass_positive", "mass_in_batch", "mass_mined", "mass_bank", "grad_mass_share", "doc_cosine"} \
+        <= set(records[-1])
+    assert abs(sum(v for k, v in records[-1].items() if k.startswith("mass_")) - 1.0) < 1e-4
+    assert 0.0 <= results["doc_mean_cosine"] <= 1.0
     assert "recall@1" in capsys.readouterr().out
 
     # The export loads in sentence-transformers and in our eval, with equal embeddings.
@@ -90,7 +98,7 @@ def write_pairs(path: Path, rows: list[dict]) -> Path:
     ("not_a_model", "is not a transformers model folder: config.json is missing"),
     ("missing_columns", "missing column(s) 'positive'; columns found: 'query', 'document'"),
     ("empty_texts", "1 empty texts (query in 1 row: 2"),
-    ("too_many_candidates", "bank.candidates=50 (+ skip_top=0) is more than the corpus holds"),
+    ("too_many_candidates", "bank.candidates=50 + mined_negatives=1 (+ skip_top=0) is more than the corpus holds"),
 ])
 def test_bad_text_input_is_a_clear_error(tiny_text_model_dir, tiny_beir, tmp_path, capsys, case, message):
     model, data, extra = tiny_text_model_dir, tiny_beir, {}
