@@ -114,7 +114,7 @@ def check_hard_pool(device, n: int = 300) -> dict[str, int]:
     misleading = misleading.to(device)
     _same_sets(mixing._threshold_topk(misleading, 512), torch.topk(misleading, 512, dim=1).indices)
     _same_sets(mixing.hard_pool(misleading, 512), torch.topk(misleading, 512, dim=1).indices)
-    return {"n": n, "rows": 16, "columns": 8192}
+    return {"rows": 16, "columns": 8192, "misleading_rows": 4}
 
 
 # ---------------------------------------------------------------------------- loss
