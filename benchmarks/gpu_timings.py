@@ -146,6 +146,8 @@ def time_image_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obj
     from mochi_retrieval.config import load_config
     from mochi_retrieval.experiment import build_data
 
+    if s.image_files != 2 * s.image_batch:
+        raise ValueError(f"image_files={s.image_files} should be two batches of {s.image_batch}")
     root = make_image_folder(tmp / "images", s.image_files, s.image_source_px)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -157,7 +159,7 @@ def time_image_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obj
         data = build_data(cfg, _Accelerator(device))
         if not out:  # the loader once: two views per image, decoded and augmented in workers
             start = time.perf_counter()
-            batches = list(itertools.islice(data.epoch(0), 2))
+            batches = list(data.epoch(0))  # image_files = 2 batches: the loader runs to its end
             sync(device)
             out["loader_images_per_s"] = round(len(batches) * s.image_batch / (time.perf_counter() - start), 1)
             for b in batches:

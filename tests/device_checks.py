@@ -26,15 +26,16 @@ from mochi_retrieval.search import faiss_num_gpus, l2_normalize, search
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 F64 = torch.float64
+Device = torch.device | str
 
 
-def unit(*shape: int, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def unit(*shape: int, seed: int = 0, device: Device = "cpu", dtype: torch.dtype = torch.float32):
     """Seeded random unit rows (along the last dim), drawn on the CPU, then moved. Shape ``shape``."""
     g = torch.Generator().manual_seed(seed)
     return F.normalize(torch.randn(*shape, generator=g, dtype=F64), dim=-1).to(device, dtype)
 
 
-def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
+def device_generator(device: Device, seed: int) -> torch.Generator:
     """A seeded generator on ``device`` (sampling on a GPU needs a GPU generator)."""
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
@@ -46,7 +47,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- mixing
 
 
-def check_closed_form(device, n_mix: int = 7, n_query_mix: int = 5) -> dict[str, float]:
+def check_closed_form(device: Device, n_mix: int = 7, n_query_mix: int = 5) -> dict[str, float]:
     """float64: closed-form synthetic logits equal the materialised ones, in value and in gradient wrt q."""
     q = unit(6, 8, seed=0, device=device, dtype=F64).requires_grad_(True)
     bank = unit(40, 8, seed=1, device=device, dtype=F64)
@@ -62,7 +63,7 @@ def check_closed_form(device, n_mix: int = 7, n_query_mix: int = 5) -> dict[str,
     return {"max_value_err": _max_err(closed, material), "max_grad_err": _max_err(g_closed, g_material)}
 
 
-def check_closed_form_blocks(device) -> dict[str, float]:
+def check_closed_form_blocks(device: Device) -> dict[str, float]:
     """float64: a queue (K, D) followed by per-query candidates (B, C, D) is one column space."""
     q = unit(6, 8, seed=0, device=device, dtype=F64).requires_grad_(True)
     bank = unit(40, 8, seed=1, device=device, dtype=F64)
@@ -80,7 +81,7 @@ def check_closed_form_blocks(device) -> dict[str, float]:
     return {"max_value_err": _max_err(closed, material), "max_grad_err": _max_err(g1, g2)}
 
 
-def check_closed_form_float32(device, b: int = 32, k: int = 2048, d: int = 64, n_hard: int = 128,
+def check_closed_form_float32(device: Device, b: int = 32, k: int = 2048, d: int = 64, n_hard: int = 128,
                               n_mix: int = 64, n_query_mix: int = 32) -> dict[str, float]:
     """float32 at a training-like scale (paper scale on a GPU): the two forms agree to float rounding."""
     q = unit(b, d, seed=10, device=device).requires_grad_(True)
@@ -102,7 +103,7 @@ def _same_sets(got: torch.Tensor, want: torch.Tensor) -> None:
     assert torch.equal(got.sort(1).values, want.sort(1).values), "top-N sets differ"
 
 
-def check_hard_pool(device, n: int = 300) -> dict[str, int]:
+def check_hard_pool(device: Device, n: int = 300) -> dict[str, int]:
     """The fast top-N (mixing.hard_pool and its thresholding path) selects exactly torch.topk's sets."""
     scores = torch.randn(16, 8192, generator=torch.Generator().manual_seed(n)).to(device)
     want = torch.topk(scores, n, dim=1).indices
@@ -120,7 +121,7 @@ def check_hard_pool(device, n: int = 300) -> dict[str, int]:
 # ---------------------------------------------------------------------------- loss
 
 
-def check_identical_keys(device) -> dict[str, float]:
+def check_identical_keys(device: Device) -> dict[str, float]:
     """Positive and all M negatives equal: every logit equal, loss = log(M + 1)."""
     q = unit(4, 16, device=device)
     same = q[:1].expand(4, -1).clone()
@@ -129,7 +130,7 @@ def check_identical_keys(device) -> dict[str, float]:
     return {"loss_err": abs(out.loss.item() - math.log(51))}
 
 
-def check_cross_entropy_reference(device) -> dict[str, float]:
+def check_cross_entropy_reference(device: Device) -> dict[str, float]:
     """info_nce_from_logits equals F.cross_entropy over [pos, queue, synthetic] / T with target 0."""
     q, k, bank = unit(5, 8, seed=1, device=device), unit(5, 8, seed=2, device=device), unit(30, 8, seed=3, device=device)
     synth = unit(5, 7, seed=9, device=device)
@@ -140,7 +141,7 @@ def check_cross_entropy_reference(device) -> dict[str, float]:
     return {"loss_err": _max_err(got, ref)}
 
 
-def check_mochi_loss_reference(device) -> dict[str, float]:
+def check_mochi_loss_reference(device: Device) -> dict[str, float]:
     """contrastive_loss with MoCHi equals the cross-entropy over materialised synthetic points, in value and gradient."""
     q = unit(4, 8, seed=4, device=device).requires_grad_(True)
     k, bank = unit(4, 8, seed=5, device=device), unit(32, 8, seed=6, device=device)
@@ -156,7 +157,7 @@ def check_mochi_loss_reference(device) -> dict[str, float]:
     return {"loss_err": _max_err(out.loss, ref), "grad_err": _max_err(g1, g2)}
 
 
-def check_info_nce(device) -> dict[str, dict[str, float]]:
+def check_info_nce(device: Device) -> dict[str, dict[str, float]]:
     """The three InfoNCE references above."""
     return {"identical_keys": check_identical_keys(device), "cross_entropy": check_cross_entropy_reference(device),
             "mochi_materialised": check_mochi_loss_reference(device)}
@@ -165,7 +166,7 @@ def check_info_nce(device) -> dict[str, dict[str, float]]:
 # ---------------------------------------------------------------------------- queue
 
 
-def check_queue(device) -> dict[str, int]:
+def check_queue(device: Device) -> dict[str, int]:
     """Ring order against a Python reference (K=7, batches of 3 wrap around), a batch longer than
     the queue, exclusion masks and the state_dict round trip, with the queue on ``device``."""
     q = MomentumQueue(7, 4).to(device)
@@ -246,7 +247,7 @@ def bank_positives(b: int, n: int, seed: int = 1) -> list[set[int]]:
             for _ in range(b)]
 
 
-def check_bank_case(device, case: str) -> dict[str, bool]:
+def check_bank_case(device: Device, case: str) -> dict[str, bool]:
     """Both bank backends (on ``device``: a GPU FAISS index and GPU torch storage when asked for and
     possible) return exactly the brute-force candidates for one filter case."""
     opts = BANK_CASES[case]
@@ -271,13 +272,13 @@ def check_bank_case(device, case: str) -> dict[str, bool]:
     return {"faiss_index_on_gpu": on_gpu["faiss"], "torch_bank_on_gpu": on_gpu["torch"]}
 
 
-def check_bank(device) -> dict[str, object]:
+def check_bank(device: Device) -> dict[str, object]:
     """:func:`check_bank_case` for every case of :data:`BANK_CASES`."""
     results = {case: check_bank_case(device, case) for case in BANK_CASES}
     return {"cases": len(results), **results["plain"]}
 
 
-def check_search(device) -> dict[str, object]:
+def check_search(device: Device) -> dict[str, object]:
     """Exact search on ``device`` against the CPU, FAISS (GPU when it has one) against torch, and
     retrieval metrics computed from a search on ``device`` against the same on the CPU."""
     from mochi_retrieval.eval.retrieval import RetrievalEvaluator
@@ -328,7 +329,7 @@ def _compare_steps(loss32: torch.Tensor, loss16: torch.Tensor, g32: torch.Tensor
     return {"loss_fp32": loss32.item(), "loss_bf16": loss16.item(), "loss_rel_diff": rel, "grad_cosine": cosine}
 
 
-def check_bf16_moco_step(device, arch: str = "resnet18", encoder_kwargs: dict | None = None,
+def check_bf16_moco_step(device: Device, arch: str = "resnet18", encoder_kwargs: dict | None = None,
                          image_size: int = 32, batch: int = 8, channels_last: bool = True) -> dict[str, float]:
     """One MoCo-v2 + MoCHi step under bf16 autocast (channels-last) is finite and close to fp32.
 
@@ -362,7 +363,7 @@ def check_bf16_moco_step(device, arch: str = "resnet18", encoder_kwargs: dict | 
     return _compare_steps(losses[0], losses[1], grads[0], grads[1], loss_rtol=0.02, min_cosine=0.9)
 
 
-def check_bf16_text_step(device, model_dir: Path, bank_backend: str = "faiss") -> dict[str, float]:
+def check_bf16_text_step(device: Device, model_dir: Path, bank_backend: str = "faiss") -> dict[str, float]:
     """One TextMoCo step (in-batch + queue + FAISS bank + MoCHi) under bf16 autocast is finite and
     close to fp32. ``model_dir``: a transformers model folder without dropout (see make_tiny_bert)."""
     from mochi_retrieval.bank import BankSettings
