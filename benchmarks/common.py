@@ -56,8 +56,8 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def append_results(title: str, body: str) -> None:
-    """Append a section with the command that produced it and the machine."""
+def results_section(title: str, body: str) -> str:
+    """A RESULTS.md section: title, the command that produced it, time and machine, then ``body``."""
     script = Path(sys.argv[0]).resolve()
     try:  # as run from the repository root
         script = script.relative_to(RESULTS.parents[1])
@@ -65,6 +65,10 @@ def append_results(title: str, body: str) -> None:
         pass
     command = "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = f"\n## {title}\n\n`{command}`\n\n{stamp}; {machine()}\n\n{body}\n"
+    return f"\n## {title}\n\n`{command}`\n\n{stamp}; {machine()}\n\n{body}\n"
+
+
+def append_results(title: str, body: str) -> None:
+    """Append a section with the command that produced it and the machine."""
     with RESULTS.open("a") as f:
-        f.write(section)
+        f.write(results_section(title, body))

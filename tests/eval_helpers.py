@@ -15,8 +15,11 @@ import torch
 WORDS = [f"w{i}" for i in range(60)]
 
 
-def make_tiny_bert(folder: Path, hidden: int = 32) -> Path:
-    """Save a random 2-layer BERT with a WordLevel tokenizer (no download) to ``folder``."""
+def make_tiny_bert(folder: Path, hidden: int = 32, **config: object) -> Path:
+    """Save a random 2-layer BERT with a WordLevel tokenizer (no download) to ``folder``.
+
+    ``config`` overrides BertConfig fields (say ``num_hidden_layers=6``, ``hidden_dropout_prob=0.0``).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -31,8 +34,8 @@ def make_tiny_bert(folder: Path, hidden: int = 32) -> Path:
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
                                    model_max_length=64)
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(**{"vocab_size": len(vocab), "hidden_size": hidden, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64, **config})
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)

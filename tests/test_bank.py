@@ -11,66 +11,20 @@ from mochi_retrieval.bank import FaissNegativeBank
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
 from mochi_retrieval.search import faiss_num_gpus, l2_normalize
 
+import device_checks
+from device_checks import BANK_CASES, DEVICES
+from device_checks import bank_data as _data
+from device_checks import bank_positives as _positives
+from device_checks import bank_reference as _reference
+
 BACKENDS = ["faiss", "torch"]
 
 
-def _data(n: int = 1500, d: int = 24, b: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return l2_normalize(torch.randn(n, d, generator=g)), torch.randn(b, d, generator=g)
-
-
-def _reference(emb, queries, k, exclude=None, groups=None, skip_top=0, ceiling=None) -> torch.Tensor:
-    """Brute force straight from the definition: full sort, filter in Python. (B, k) rows."""
-    scores = l2_normalize(queries) @ emb.T
-    out = []
-    for r in range(len(queries)):
-        pos = set(exclude[r]) if exclude is not None else set()
-        bad_groups = {int(groups[p]) for p in pos} if groups is not None else set()
-        order = scores[r].argsort(descending=True).tolist()
-        alive = [i for i in order if i not in pos and int(groups[i] if groups is not None else -1) not in bad_groups]
-        alive = alive[skip_top:]
-        if ceiling is not None:
-            alive = [i for i in alive if scores[r, i] <= ceiling]
-        out.append(alive[:k])
-    return torch.tensor(out)
-
-
-def _positives(b: int, n: int, seed: int = 1) -> list[set[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [set(torch.randint(0, n, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist())
-            for _ in range(b)]
-
-
-CASES = {
-    "plain": {},
-    "exclude": {"exclude": True},
-    "text_dupes": {"exclude": True, "groups": True},
-    "rank_window": {"exclude": True, "skip_top": 7},
-    "ceiling": {"exclude": True, "groups": True, "ceiling": 0.3},
-    "window_and_ceiling": {"skip_top": 40, "ceiling": 0.5},
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_backends_agree_with_reference(case: str) -> None:
-    opts = CASES[case]
-    emb, q = _data()
-    n, k = len(emb), 20
-    groups = torch.arange(n) // 3 if opts.get("groups") else None  # runs of 3 "identical texts"
-    excl = _positives(len(q), n) if opts.get("exclude") else None
-    ref = _reference(emb, q, k, excl, groups, opts.get("skip_top", 0), opts.get("ceiling"))
-    got = {}
-    for backend in BACKENDS:
-        bank = FaissNegativeBank(backend=backend, slack=4)
-        bank.refresh(emb, text_group=groups)
-        idx, vec = bank.candidates(q, k, exclude=excl, skip_top=opts.get("skip_top", 0),
-                                   max_similarity=opts.get("ceiling"))
-        assert idx.shape == (len(q), k) and idx.dtype == torch.long
-        assert vec.shape == (len(q), k, emb.shape[1]) and vec.dtype == torch.float32 and not vec.requires_grad
-        torch.testing.assert_close(vec, emb[idx])
-        got[backend] = idx
-    assert torch.equal(got["faiss"], got["torch"])
-    assert torch.equal(got["torch"], ref)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(BANK_CASES))
+def test_backends_agree_with_reference(device: str, case: str) -> None:
+    """Both backends, their index (or storage) on ``device`` where possible, equal the brute-force reference."""
+    device_checks.check_bank_case(device, case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,23 +9,21 @@ from mochi_retrieval.loss import (
     MoCHiConfig,
     MoCHiLoss,
     contrastive_loss,
-    info_nce_from_logits,
     proxy_accuracy,
 )
+
+import device_checks
+from device_checks import DEVICES
 
 
 def unit(*shape, seed=0):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def test_identical_keys_give_log_m_plus_one():
+@pytest.mark.parametrize("device", DEVICES)
+def test_identical_keys_give_log_m_plus_one(device):
     """Positive and all M negatives equal: every logit equal, loss = log(M + 1)."""
-    q = unit(4, 16)
-    bank = q[:1].expand(50, -1).clone()
-    k = q[:1].expand(4, -1).clone()
-    q = q[:1].expand(4, -1).clone()
-    out = contrastive_loss(q, k, bank, temperature=0.2)
-    assert out.loss.item() == pytest.approx(math.log(51), rel=1e-6)
+    device_checks.check_identical_keys(device)
 
 
 def test_orthogonal_case_closed_form():
@@ -37,13 +35,9 @@ def test_orthogonal_case_closed_form():
     assert out.accuracy.item() == 1.0
 
 
-def test_matches_cross_entropy_reference():
-    q, k, bank = unit(5, 8, seed=1), unit(5, 8, seed=2), unit(30, 8, seed=3)
-    synth = torch.randn(5, 7)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.t(), synth], 1) / 0.07
-    ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
-    got = info_nce_from_logits((q * k).sum(1), q @ bank.t(), 0.07, synth)
-    torch.testing.assert_close(got, ref)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_cross_entropy_reference(device):
+    device_checks.check_cross_entropy_reference(device)
 
 
 def test_mask_drops_entries_from_loss():
@@ -80,19 +74,9 @@ def test_mochi_warmup_switches_mixing_on():
     assert on.loss > loss(q, k, bank, epoch=0).loss
 
 
-def test_loss_with_mochi_equals_reference_on_materialised_points():
-    from mochi_retrieval.mixing import synthesize
-
-    q, k, bank = unit(4, 8, seed=4).requires_grad_(True), unit(4, 8, seed=5), unit(32, 8, seed=6)
-    mochi = MoCHiConfig(n_hard=8, n_mix=4, n_query_mix=2)
-    out = contrastive_loss(q, k, bank, 0.1, mochi=mochi, generator=torch.Generator().manual_seed(0))
-    h = synthesize(q, bank, out.plan)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.t(), torch.einsum("bd,bsd->bs", q, h)], 1)
-    ref = F.cross_entropy(logits / 0.1, torch.zeros(4, dtype=torch.long))
-    torch.testing.assert_close(out.loss, ref)
-    g1 = torch.autograd.grad(out.loss, q, retain_graph=True)[0]
-    g2 = torch.autograd.grad(ref, q)[0]
-    torch.testing.assert_close(g1, g2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_with_mochi_equals_reference_on_materialised_points(device):
+    device_checks.check_mochi_loss_reference(device)
 
 
 @pytest.mark.parametrize(

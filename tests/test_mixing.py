@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from mochi_retrieval import mixing
 from mochi_retrieval.mixing import sample_plan, synthesize, synthetic_logits
 
+import device_checks
+from device_checks import DEVICES
+
 
 
 @pytest.fixture(autouse=True)
@@ -78,37 +81,21 @@ def test_synthesize_matches_paper_reference():
     torch.testing.assert_close(points, reference_points(q, bank, plan))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_mix,n_query_mix", [(7, 5), (7, 0), (0, 5), (1, 1)])
-def test_closed_form_equals_materialised_value_and_gradient(n_mix, n_query_mix):
-    q, bank, logits = setup()
-    plan = sample_plan(logits, 10, n_mix, n_query_mix, generator=torch.Generator().manual_seed(3))
-    weights = torch.randn(6, n_mix + n_query_mix, generator=torch.Generator().manual_seed(4))
-
-    closed = synthetic_logits(q, logits, bank, plan)
-    (g_closed,) = torch.autograd.grad((closed * weights).sum(), q, retain_graph=True)
-    material = torch.einsum("bd,bsd->bs", q, synthesize(q, bank, plan))
-    (g_material,) = torch.autograd.grad((material * weights).sum(), q)
-
-    torch.testing.assert_close(closed, material, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(g_closed, g_material, rtol=1e-10, atol=1e-10)
+def test_closed_form_equals_materialised_value_and_gradient(device, n_mix, n_query_mix):
+    device_checks.check_closed_form(device, n_mix, n_query_mix)
 
 
-def test_closed_form_with_per_query_and_block_negatives():
+@pytest.mark.parametrize("device", DEVICES)
+def test_closed_form_with_per_query_and_block_negatives(device):
     """Queue (K, D) followed by per-query candidates (B, C, D): one column space."""
-    q, bank, _ = setup()
-    cands = unit(6, 9, 8, seed=7)
-    negatives = (bank, cands)
-    logits = torch.cat([q @ bank.t(), torch.einsum("bd,bcd->bc", q, cands)], dim=1)
-    plan = sample_plan(logits, 12, 6, 4, generator=torch.Generator().manual_seed(5))
-    assert (plan.hard_idx >= 40).any(), "the union pool should draw from the candidates"
-    full = torch.cat([bank.expand(6, -1, -1), cands], dim=1)  # (B, K + C, D) materialised
-    torch.testing.assert_close(synthesize(q, negatives, plan), synthesize(q, full, plan))
-    closed = synthetic_logits(q, logits, negatives, plan)
-    material = torch.einsum("bd,bsd->bs", q, synthesize(q, full, plan))
-    torch.testing.assert_close(closed, material, rtol=1e-10, atol=1e-10)
-    g1 = torch.autograd.grad(closed.sum(), q, retain_graph=True)[0]
-    g2 = torch.autograd.grad(material.sum(), q)[0]
-    torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
+    device_checks.check_closed_form_blocks(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_closed_form_float32_at_training_scale(device):
+    device_checks.check_closed_form_float32(device)
 
 
 def test_no_gradient_into_synthetic_sources():
@@ -185,20 +172,8 @@ def test_generator_on_tensor_device_and_plan_move():
     assert plan.to("cpu").alpha.shape == (6, 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [128, 300])
-def test_fast_cpu_hard_pool_equals_topk(n):
-    scores = torch.randn(16, 8192, generator=torch.Generator().manual_seed(n))
-    got = mixing.hard_pool(scores, n)
-    want = torch.topk(scores, n, dim=1).indices
-    for a, b in zip(got, want):
-        assert set(a.tolist()) == set(b.tolist())
-
-
-def test_fast_hard_pool_falls_back_when_the_sample_misleads():
-    """Large values only at the sampled (strided) columns: too few pass the threshold."""
-    scores = torch.randn(4, 8192, generator=torch.Generator().manual_seed(0))
-    scores[:2, ::16] += 100.0
-    got = mixing.hard_pool(scores, 512)
-    want = torch.topk(scores, 512, dim=1).indices
-    for a, b in zip(got, want):
-        assert set(a.tolist()) == set(b.tolist())
+def test_fast_hard_pool_equals_topk(device, n):
+    """Also large values only at the sampled (strided) columns: too few pass the threshold, the fallback is exact."""
+    device_checks.check_hard_pool(device, n)

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from mochi_retrieval.distributed import replicas_agree
 from mochi_retrieval.queue import NO_ID, MomentumQueue
 
+import device_checks
+from device_checks import DEVICES
+
 
 def keys(n, d=4, seed=0):
     return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
@@ -22,20 +25,11 @@ def test_initial_keys_are_unit_rows():
     assert (q.ids == NO_ID).all()
 
 
-def test_ring_order_matches_a_python_reference_when_size_is_not_a_multiple():
-    """K = 7 with batches of 3: writes wrap across the end of the buffer."""
-    q = MomentumQueue(7, 4)
-    ref = list(q.keys.clone())
-    ptr = 0
-    for step in range(5):
-        batch = keys(3, seed=step)
-        q.add(batch, ids=torch.arange(3) + 10 * step)
-        for row in batch:  # sequential reference ring
-            ref[ptr] = row
-            ptr = (ptr + 1) % 7
-        torch.testing.assert_close(q.keys, torch.stack(ref))
-        assert int(q.ptr) == ptr
-    assert int(q.num_added) == 15
+@pytest.mark.parametrize("device", DEVICES)
+def test_ring_order_wrap_masks_and_state_on_device(device):
+    """K = 7 with batches of 3: writes wrap across the end of the buffer; a batch longer than the queue;
+    exclusion masks; state_dict round trip; all with the queue on ``device``."""
+    device_checks.check_queue(device)
 
 
 def test_batch_longer_than_queue_keeps_newest():

@@ -8,6 +8,9 @@ import torch
 import mochi_retrieval.search as search_mod
 from mochi_retrieval.search import faiss_num_gpus, l2_normalize, resolve_backend, search
 
+import device_checks
+from device_checks import DEVICES
+
 GPU_OPTIONS = [False] + ([True] if faiss_num_gpus() > 0 else [])
 
 
@@ -33,6 +36,11 @@ def test_faiss_matches_torch(use_gpu: bool) -> None:
     assert i_f.dtype == torch.int64 and s_f.shape == (300, 50)
     assert (i_f == i_t).float().mean() > 0.999  # ties aside: random floats have next to none
     torch.testing.assert_close(s_f, s_t, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_search_and_metrics_on_device_match_the_cpu(device: str) -> None:
+    device_checks.check_search(device)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])

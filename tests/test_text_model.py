@@ -13,6 +13,9 @@ from mochi_retrieval.loss import MoCHiConfig
 from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
 from mochi_retrieval.text_negatives import false_negative_mask
 
+import device_checks
+from device_checks import DEVICES
+
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
 T = 0.05
 
@@ -262,3 +265,12 @@ def test_positive_aware_ceiling_masks_negatives_above_a_share_of_the_positive_sc
     assert torch.equal(torch.isinf(out["neg_logits"]), want)
     with pytest.raises(ValueError, match="max_neg_pos_ratio"):
         TextMoCo(enc, GROUPS, max_neg_pos_ratio=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_text_step_is_finite_and_close_to_fp32(device, tmp_path):
+    """In-batch + queue + bank + MoCHi with a tiny BERT (no dropout) under bf16 autocast, against fp32."""
+    from eval_helpers import make_tiny_bert
+
+    bert = make_tiny_bert(tmp_path / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    device_checks.check_bf16_text_step(device, bert)

@@ -10,6 +10,9 @@ import torch
 
 from mochi_retrieval import train
 
+import device_checks
+from device_checks import DEVICES
+
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 
 
@@ -269,3 +272,9 @@ def test_gradient_clipping_caps_the_update(tiny_fmnist_dir, tmp_path):
     moved = torch.cat([(state[f"query_net.{k}"] - v).flatten().float() for k, v in start.items()
                        if v.dtype.is_floating_point and "running" not in k])
     assert 0 < moved.norm() <= 0.06 * 1e-3 * 1.0001
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_step_is_finite_and_close_to_fp32(device):
+    """One MoCo-v2 + MoCHi step under bf16 autocast, channels-last, against the same step in fp32."""
+    device_checks.check_bf16_moco_step(device)
