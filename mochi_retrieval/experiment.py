@@ -29,7 +29,9 @@ def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
         epochs=t.epochs, max_steps=t.max_steps, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
         weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
         grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, diagnostics_every=t.diagnostics_every,
-        checkpoint_every_epochs=t.checkpoint_every_epochs, resume=t.resume, seed=cfg.seed,
+        checkpoint_every_epochs=t.checkpoint_every_epochs, checkpoint_every_steps=t.checkpoint_every_steps,
+        checkpoint_every_minutes=t.checkpoint_every_minutes, keep_checkpoints=t.keep_checkpoints,
+        resume=t.resume, seed=cfg.seed,
         max_grad_norm=t.max_grad_norm, weight_decay_1d=t.weight_decay_1d)
 
 
