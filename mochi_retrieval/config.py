@@ -411,6 +411,9 @@ class DataConfig:
     """Augmentation recipe: MoCo-v2 aug+, or its variant for small grey images."""
     num_workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
+    skip_corrupt_images: bool = False
+    """Image folders: replace an image file that cannot be decoded by the next one (logged and counted)
+    instead of stopping with an error that names it."""
     limit: Optional[int] = None
     """Use only N training items (images: the first N; text: N pairs drawn with the seed); None = all."""
     split: str = "train"

@@ -37,7 +37,9 @@ def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
 
 def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: model, data and method settings."""
-    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "moco": asdict(cfg.moco),
+    data = asdict(cfg.data)
+    data.pop("skip_corrupt_images")  # turned on to get past a bad file, a run must still resume
+    return {"model": asdict(cfg.model), "data": data, "moco": asdict(cfg.moco),
             "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
 
 
@@ -61,7 +63,7 @@ def build_data(cfg: ExperimentConfig, accelerator):
         return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device)
     classes = read_class_list(d.class_list) if d.class_list else None
     return FolderViews(f"{d.root}/train", sharding, cfg.seed, d.image_size, d.num_workers, classes,
-                       accelerator.device)
+                       accelerator.device, skip_corrupt=d.skip_corrupt_images)
 
 
 def item_labels(data) -> torch.Tensor:
