@@ -64,7 +64,8 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", required: S
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError ... for bad files
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else "(no message)"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "(no message)"
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
                               f"{type(err).__name__}: {reason}") from err
     if not isinstance(state, dict):

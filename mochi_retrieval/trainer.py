@@ -153,14 +153,14 @@ class Trainer:
         output_dir: checkpoints, logs and plots go here.
         fingerprint: a dict identifying the run's configuration; a checkpoint
             with another fingerprint is refused on resume.
+        step_hook: called as ``hook(step, batch, out)`` on the main process every
+            ``diagnostics_every`` steps; returns extra scalars to log.
+        epoch_hook: called as ``hook(epoch)`` after each epoch; returns scalars.
 
     Checkpoints go to ``output_dir/checkpoints/step-N.pt`` (the last
     ``keep_checkpoints``; ``last.pt`` links the newest) every
     ``checkpoint_every_epochs`` epochs, ``checkpoint_every_steps`` steps and
     ``checkpoint_every_minutes`` minutes, at the end and on SIGTERM/SIGUSR1.
-        step_hook: called as ``hook(step, batch, out)`` on the main process every
-            ``diagnostics_every`` steps; returns extra scalars to log.
-        epoch_hook: called as ``hook(epoch)`` after each epoch; returns scalars.
     """
 
     def __init__(self, model: nn.Module, data: TrainData, settings: TrainerSettings, accelerator,
@@ -387,14 +387,16 @@ class Trainer:
         every = self.s.checkpoint_every_steps
         due = timed or (every is not None and self.global_step % every == 0)
         if stop:
-            name = signal.Signals(self._signals.received).name if self._signals.received else "a peer's signal"
-            logger.warning("%s received: stopping after step %d with a checkpoint", name, self.global_step)
+            logger.warning("%s received: stopping after step %d with a checkpoint", self._stop_reason(),
+                           self.global_step)
         return stop, due
 
-    def _interrupted(self) -> TrainingInterrupted:
+    def _stop_reason(self) -> str:
         received = self._signals.received
-        name = signal.Signals(received).name if received is not None else "another process's stop signal"
-        return TrainingInterrupted(name, self.global_step, self.ckpt.step_path(self.global_step))
+        return signal.Signals(received).name if received is not None else "another process's stop signal"
+
+    def _interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(self._stop_reason(), self.global_step, self.ckpt.step_path(self.global_step))
 
     def _run_epoch(self, bar, window: dict[str, list[torch.Tensor]]) -> None:
         self.model.train()

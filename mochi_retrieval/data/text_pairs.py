@@ -185,8 +185,6 @@ class TextPairs:
     def from_file(cls, path: str | Path, query_column: str = "query", positive_column: str = "positive",
                   negative_column: str = "negative", cache_dir: str | None = None) -> TextPairs:
         """Load a JSONL/JSON, CSV/TSV or Parquet pair file through ``datasets.load_dataset``."""
-        import datasets
-
         path = Path(path)
         kind = FILE_FORMATS.get(path.suffix.lower())
         if kind is None:
@@ -198,6 +196,8 @@ class TextPairs:
             raise ValueError(f"{path}: the data set is empty (no pairs): the file is empty")
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
         check_lines(path)
+        import datasets
+
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets raises many types for a malformed file
