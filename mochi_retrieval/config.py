@@ -416,6 +416,9 @@ class DataConfig:
     """Augmentation recipe: MoCo-v2 aug+, or its variant for small grey images."""
     num_workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
+    skip_corrupt_images: bool = False
+    """Image folders: replace an image file that cannot be decoded by the next one (logged and counted)
+    instead of stopping with an error that names it."""
     limit: Optional[int] = None
     """Use only N training items (images: the first N; text: N pairs drawn with the seed); None = all."""
     split: str = "train"
@@ -577,13 +580,27 @@ class TrainConfig:
     """Compute the costlier diagnostics (e.g. negative hardness) every this many steps."""
     checkpoint_every_epochs: int = 1
     """Write a checkpoint every this many epochs."""
+    checkpoint_every_steps: Optional[int] = None
+    """Also write a checkpoint every this many optimiser steps; None = only per epoch (and at the end)."""
+    checkpoint_every_minutes: Optional[float] = None
+    """Also write a checkpoint when this many minutes have passed since the last one; None = off."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints (``checkpoints/step-N.pt``); ``checkpoints/last.pt`` links the newest."""
     resume: bool = True
     """Resume from the latest checkpoint in ``output_dir`` when there is one."""
+    dist_timeout_minutes: float = 30.0
+    """Several processes: give up on a collective after this long (a process died or hangs) and stop with a
+    message. It must exceed what the main process does alone, such as the kNN monitor and checkpoint writes."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "grad_accum_steps", "log_every", "diagnostics_every",
-                    "checkpoint_every_epochs"):
+                    "checkpoint_every_epochs", "keep_checkpoints"):
             _require(getattr(self, key) >= 1, key, ">= 1", getattr(self, key))
+        _require(self.checkpoint_every_steps is None or self.checkpoint_every_steps >= 1, "checkpoint_every_steps",
+                 ">= 1 or null", self.checkpoint_every_steps)
+        _require(self.checkpoint_every_minutes is None or self.checkpoint_every_minutes > 0,
+                 "checkpoint_every_minutes", "> 0 or null", self.checkpoint_every_minutes)
+        _require(self.dist_timeout_minutes > 0, "dist_timeout_minutes", "> 0", self.dist_timeout_minutes)
         _require(self.max_steps is None or self.max_steps >= 1, "max_steps", ">= 1 or null", self.max_steps)
         _require(self.lr > 0, "lr", "> 0", self.lr)
         _require(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)

@@ -5,6 +5,8 @@ Functions take an optional process group and work unchanged in a single process
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -87,6 +89,31 @@ def step_generator(cached: torch.Generator | None, seed: int, step: int, device:
     generator = cached if cached is not None and cached.device == device else torch.Generator(device=device)
     generator.manual_seed((seed * 1_000_003 + step) * 1_009 + rank())
     return generator
+
+
+@torch.no_grad()
+def any_process(flags: Sequence[bool], device: torch.device | str = "cpu", group=None) -> list[bool]:
+    """For each flag, whether it is set on any process (an all-reduce MAX); the flags themselves in one process.
+
+    Lets every process take the same decision at the same step, e.g. to stop when
+    only one of them received SIGTERM. ``device`` must suit the backend (CUDA for NCCL).
+    """
+    if world_size(group) == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
+# gloo raises a plain RuntimeError naming its source file; NCCL raises DistBackendError.
+_COLLECTIVE_MARKERS = ("gloo/", "Connection closed by peer", "Connection reset by peer", "Timed out waiting")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` comes from a failed collective (a peer died, or hung past the process-group timeout)."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _COLLECTIVE_MARKERS)
 
 
 @torch.no_grad()

@@ -29,13 +29,17 @@ def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
         epochs=t.epochs, max_steps=t.max_steps, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
         weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
         grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, diagnostics_every=t.diagnostics_every,
-        checkpoint_every_epochs=t.checkpoint_every_epochs, resume=t.resume, seed=cfg.seed,
+        checkpoint_every_epochs=t.checkpoint_every_epochs, checkpoint_every_steps=t.checkpoint_every_steps,
+        checkpoint_every_minutes=t.checkpoint_every_minutes, keep_checkpoints=t.keep_checkpoints,
+        resume=t.resume, seed=cfg.seed,
         max_grad_norm=t.max_grad_norm, weight_decay_1d=t.weight_decay_1d)
 
 
 def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: model, data and method settings."""
-    return {"model": asdict(cfg.model), "data": asdict(cfg.data), "moco": asdict(cfg.moco),
+    data = asdict(cfg.data)
+    data.pop("skip_corrupt_images")  # turned on to get past a bad file, a run must still resume
+    return {"model": asdict(cfg.model), "data": data, "moco": asdict(cfg.moco),
             "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
 
 
@@ -59,7 +63,7 @@ def build_data(cfg: ExperimentConfig, accelerator):
         return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device)
     classes = read_class_list(d.class_list) if d.class_list else None
     return FolderViews(f"{d.root}/train", sharding, cfg.seed, d.image_size, d.num_workers, classes,
-                       accelerator.device)
+                       accelerator.device, skip_corrupt=d.skip_corrupt_images)
 
 
 def item_labels(data) -> torch.Tensor:

@@ -8,6 +8,10 @@ linear-probe accuracy on the test split, printed as a table and written to
 ``results.json``. Text runs (``data.dataset: text_pairs`` or ``debian``) are
 evaluated with recall@k, MRR@10 and nDCG@10 on ``eval.split`` and exported as a
 sentence-transformers folder, ``OUTPUT_DIR/model/``.
+
+Exit codes: 0 done; 1 an error (its message is printed); 2 a bad config;
+75 (EX_TEMPFAIL) stopped by SIGTERM or SIGUSR1 after writing a checkpoint:
+run the same command again to resume.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Sequence
 
@@ -41,12 +46,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointError
     from .data.fashion_mnist import FashionMNISTNotFoundError
-    from .trainer import TrainingDiverged
+    from .trainer import EXIT_INTERRUPTED, CollectiveFailure, TrainingDiverged, TrainingInterrupted
 
     try:
         results = run(cfg)
-    except (FashionMNISTNotFoundError, FileNotFoundError, ValueError, TrainingDiverged) as err:
+    except TrainingInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CollectiveFailure as err:
+        print(f"error: {err} (train.dist_timeout_minutes={cfg.train.dist_timeout_minutes:g})", file=sys.stderr)
+        return 1
+    except (FashionMNISTNotFoundError, FileNotFoundError, ValueError, TrainingDiverged, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if results:  # the main process only
@@ -65,11 +77,11 @@ def results_table(results: dict[str, float], cfg: ExperimentConfig) -> str:
 def run(cfg: ExperimentConfig) -> dict[str, float]:
     """Train as configured, export the encoder, evaluate; returns the final metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
     from .experiment import (build_data, build_model, fingerprint, item_labels, make_evaluator, make_step_hook,
                              settings_from)
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingInterrupted
 
     # The queue and key network are buffers/frozen parameters updated identically
     # on every rank: no per-step buffer broadcast needed.
@@ -79,7 +91,10 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                         # Bounds the wait at a collective when another process died or hangs. (accelerate
+                         # passes on only values other than its 10-minute default.)
+                         InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))],
     )
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -99,7 +114,11 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
             epoch_hook=(lambda epoch: evaluator.knn_monitor(model.encoder, epoch)) if evaluator else None,
         )
     start = time.perf_counter()
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    except TrainingInterrupted:
+        accelerator.end_training()  # every process stopped at the same step: the group is healthy
+        raise
     train_seconds = time.perf_counter() - start
     results: dict[str, float] = {}
     if accelerator.is_main_process:

@@ -1,8 +1,11 @@
 """The training loop: the only code that starts distributed work (through accelerate).
 
 It owns the optimiser, schedule, mixed precision, gradient accumulation,
-checkpoints (atomic; resumable mid-epoch), logging (tqdm, JSON lines,
-TensorBoard), the NaN guard and evaluator hooks. The model is any module whose
+checkpoints (atomic; every N epochs, steps or minutes; the last few kept;
+resumable mid-epoch, falling back past an unreadable file), preemption
+(SIGTERM/SIGUSR1: finish the step, checkpoint, raise :class:`TrainingInterrupted`),
+logging (tqdm, JSON lines, TensorBoard; a resume drops what was logged after its
+checkpoint), the NaN guard and evaluator hooks. The model is any module whose
 forward takes a batch dict and returns a dict with a scalar ``loss``.
 """
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .distributed import replicas_agree
+from .checkpoint import CheckpointDir, CheckpointError
+from .distributed import any_process, is_collective_failure, rank, replicas_agree
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,55 @@ class TrainData(Protocol):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+EXIT_INTERRUPTED = 75
+"""Exit code of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint (EX_TEMPFAIL: run it again)."""
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+"""What Slurm (``--signal``) and Kubernetes send before they take a node back."""
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "micro_step", "global_step", "rng", "fingerprint")
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; every process stopped after the same step, with a checkpoint written."""
+
+    def __init__(self, signal_name: str, step: int, path: Path) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {path} written. "
+                         "Run the same command again to resume from it.")
+        self.signal_name, self.step, self.path = signal_name, step, path
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective operation failed: another process died, or hung past the process-group timeout."""
+
+
+class StopSignals:
+    """Context manager that records SIGTERM/SIGUSR1 instead of dying; the loop polls :attr:`received`."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("training outside the main thread: %s keep their default action (no checkpoint on "
+                           "preemption)", "/".join(STOP_SIGNALS))
+            return self
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum  # only a flag: the loop acts on it between steps
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 @dataclass
@@ -51,6 +106,9 @@ class TrainerSettings:
     log_every: int = 50
     diagnostics_every: int = 200
     checkpoint_every_epochs: int = 1
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = None
+    keep_checkpoints: int = 2
     resume: bool = True
     seed: int = 0
     max_grad_norm: float | None = None
@@ -98,6 +156,11 @@ class Trainer:
         step_hook: called as ``hook(step, batch, out)`` on the main process every
             ``diagnostics_every`` steps; returns extra scalars to log.
         epoch_hook: called as ``hook(epoch)`` after each epoch; returns scalars.
+
+    Checkpoints go to ``output_dir/checkpoints/step-N.pt`` (the last
+    ``keep_checkpoints``; ``last.pt`` links the newest) every
+    ``checkpoint_every_epochs`` epochs, ``checkpoint_every_steps`` steps and
+    ``checkpoint_every_minutes`` minutes, at the end and on SIGTERM/SIGUSR1.
     """
 
     def __init__(self, model: nn.Module, data: TrainData, settings: TrainerSettings, accelerator,
@@ -124,6 +187,11 @@ class Trainer:
         self.scheduler = scheduler
         self.epoch, self.micro_step, self.global_step = 0, 0, 0
         self.history: list[dict[str, float]] = []
+        self.ckpt = CheckpointDir(self.out / "checkpoints", settings.keep_checkpoints)
+        self._saved_step: int | None = None  # step of the checkpoint on disk that this run wrote or resumed
+        self._saved_at = time.monotonic()
+        self._signals = StopSignals()
+        self._tb = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -131,7 +199,8 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoints" / "last.pt"
+        """``checkpoints/last.pt``: the newest checkpoint."""
+        return self.ckpt.latest
 
     def check_replicas(self) -> None:
         """Raise if state that must be identical on every process (the queue) differs."""
@@ -144,9 +213,13 @@ class Trainer:
         logger.info("replicas agree on %d tensors across %d processes", len(replicated()), self.acc.num_processes)
 
     def save(self) -> None:
-        """Write the full training state atomically (main process only)."""
+        """Write the full training state atomically (main process only); once per step."""
+        if self._saved_step == self.global_step:
+            return
         self.check_replicas()
         self.acc.wait_for_everyone()
+        fresh = self._saved_step is None  # this run's first checkpoint: an earlier run's files go
+        self._saved_step, self._saved_at = self.global_step, time.monotonic()
         if not self.acc.is_main_process:
             return
         scaler = getattr(self.acc, "scaler", None)
@@ -160,14 +233,46 @@ class Trainer:
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "history": json.dumps(self.history),
         }
-        checkpoint.save_atomic(state, self.checkpoint_path())
-        logger.info("checkpoint written at step %d (epoch %d)", self.global_step, self.epoch)
+        path = self.ckpt.save(state, self.global_step, replace_others=fresh)
+        logger.info("checkpoint %s written at step %d (epoch %d)", path, self.global_step, self.epoch)
 
     def maybe_resume(self) -> bool:
-        path = self.checkpoint_path()
-        if not (self.s.resume and path.is_file()):
+        """Load the newest readable checkpoint, if any; unreadable newer ones are set aside with a warning."""
+        if not self.s.resume:
             return False
-        state = checkpoint.load(path, map_location="cpu")
+        if self.acc.is_main_process:
+            self.ckpt.remove_temporaries()
+        found = self._first_readable(self.ckpt.candidates())
+        self.acc.wait_for_everyone()  # every process has read before a file is renamed
+        if found is None:
+            return False
+        path, state, unreadable = found
+        if self.acc.is_main_process:
+            for bad in unreadable:
+                logger.warning("set aside the unreadable checkpoint as %s", self.ckpt.set_aside(bad))
+        self._load_state(path, state)
+        return True
+
+    def _first_readable(self, candidates: list[Path]) -> tuple[Path, dict[str, Any], list[Path]] | None:
+        """(path, state, unreadable newer paths) of the first candidate that loads; raises if none does."""
+        if not candidates:
+            return None
+        errors: list[CheckpointError] = []
+        for path in candidates:
+            try:
+                state = checkpoint.load(path, map_location="cpu", required=CHECKPOINT_KEYS)
+            except CheckpointError as err:
+                errors.append(err)
+                logger.warning("%s; trying the previous checkpoint", err)
+                continue
+            if errors:
+                logger.warning("resuming from %s, the newest readable checkpoint, instead of %s",
+                               path, candidates[0])
+            return path, state, candidates[: len(errors)]
+        raise CheckpointError("no checkpoint can be read; move them away, or use a new output_dir or "
+                              "train.resume=false:\n  " + "\n  ".join(str(e) for e in errors))
+
+    def _load_state(self, path: Path, state: dict[str, Any]) -> None:
         if state["fingerprint"] != json.dumps(self.fingerprint, sort_keys=True):
             raise ValueError(
                 f"checkpoint {path} was written by another configuration; use a new output_dir or train.resume=false\n"
@@ -176,15 +281,15 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
-        if scaler is not None and state["scaler"] is not None:
+        if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
         self.epoch, self.micro_step, self.global_step = state["epoch"], state["micro_step"], state["global_step"]
-        self.history = json.loads(state["history"])
+        self.history = json.loads(state.get("history", "[]"))
         checkpoint.set_rng_state(state["rng"])
+        self._saved_step = self.global_step
         logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
-        return True
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ logs
     def _log(self, record: dict[str, float]) -> None:
         self.history.append(record)
         if self.acc.is_main_process:
@@ -195,7 +300,28 @@ class Trainer:
                     if key not in ("step", "epoch"):
                         self._tb.add_scalar(key, value, record["step"])
 
-    def _open_tensorboard(self):
+    def _trim_log(self) -> None:
+        """Drop records logged after the resumed checkpoint (and torn lines), so the log reads as one run."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, dropped, torn = [], 0, 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                torn += 1
+                continue
+            if record.get("step", 0) <= self.global_step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped or torn:
+            checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+            logger.info("%s: dropped %d records logged after step %d and %d torn lines", path, dropped,
+                        self.global_step, torn)
+
+    def _open_tensorboard(self, resumed: bool):
         if not self.acc.is_main_process:
             return None
         try:
@@ -204,71 +330,133 @@ class Trainer:
             logger.warning("tensorboard is not installed (pip install 'mochi-retrieval[tensorboard]'); "
                            "scalars go to metrics.jsonl only")
             return None
-        return SummaryWriter(str(self.out / "tensorboard"))
+        # purge_step: events at or after it, written before an interruption, are dropped.
+        return SummaryWriter(str(self.out / "tensorboard"), purge_step=self.global_step + 1 if resumed else None)
 
+    # ------------------------------------------------------------------ loop
     def _done(self) -> bool:
         return self.epoch >= self.s.epochs or (self.s.max_steps is not None and self.global_step >= self.s.max_steps)
 
     def fit(self) -> list[dict[str, float]]:
-        """Train until ``epochs`` or ``max_steps``; returns the logged records."""
+        """Train until ``epochs`` or ``max_steps``; returns the logged records.
+
+        Raises:
+            TrainingInterrupted: SIGTERM or SIGUSR1 arrived; a checkpoint of the step reached was written.
+            CollectiveFailure: another process failed or hung (under several processes).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
-        if not self.maybe_resume() and self.acc.is_main_process:
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-        self._tb = self._open_tensorboard()
+        resumed = self.maybe_resume()
+        if self.acc.is_main_process:
+            if resumed:
+                self._trim_log()
+            else:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        self._tb = self._open_tensorboard(resumed)
+        self._saved_at = time.monotonic()
         bar = tqdm(total=self.total_steps if self.s.max_steps is None else min(self.total_steps, self.s.max_steps),
                    initial=self.global_step, disable=not self.acc.is_main_process, desc="train", dynamic_ncols=True)
         window: dict[str, list[torch.Tensor]] = {}
         try:
-            while not self._done():
-                self._run_epoch(bar, window)
+            with self._signals:
+                while not self._done():
+                    self._run_epoch(bar, window)
+        except RuntimeError as err:
+            if self.acc.num_processes > 1 and is_collective_failure(err):
+                raise self._collective_failure(err) from err
+            raise
         finally:
             bar.close()
             if self._tb is not None:
                 self._tb.close()
         return self.history
 
+    def _collective_failure(self, err: RuntimeError) -> CollectiveFailure:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return CollectiveFailure(
+            f"process {rank()} of {self.acc.num_processes}: a collective operation failed after step "
+            f"{self.global_step}: {first}. Another process has probably failed or stopped responding (see its "
+            "log); a hung one is given up on after the process-group timeout")
+
+    def _poll(self) -> tuple[bool, bool]:
+        """(stop, checkpoint due) after an optimiser step, the same on every process."""
+        stop = self._signals.received is not None
+        minutes = self.s.checkpoint_every_minutes
+        timed = minutes is not None and time.monotonic() - self._saved_at >= 60.0 * minutes
+        if self.acc.num_processes > 1:
+            stop, timed = any_process([stop, timed], self.acc.device)
+        every = self.s.checkpoint_every_steps
+        due = timed or (every is not None and self.global_step % every == 0)
+        if stop:
+            logger.warning("%s received: stopping after step %d with a checkpoint", self._stop_reason(),
+                           self.global_step)
+        return stop, due
+
+    def _stop_reason(self) -> str:
+        received = self._signals.received
+        return signal.Signals(received).name if received is not None else "another process's stop signal"
+
+    def _interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(self._stop_reason(), self.global_step, self.ckpt.step_path(self.global_step))
+
     def _run_epoch(self, bar, window: dict[str, list[torch.Tensor]]) -> None:
         self.model.train()
         start = time.perf_counter()
+        stop = due = False
         for batch in self.data.epoch(self.epoch, self.micro_step):
-            frac_epoch = self.epoch + self.micro_step / self.micro_per_epoch
-            with self.acc.accumulate(self.model):
-                out = self.model(**batch, epoch=frac_epoch, step=self.epoch * self.micro_per_epoch + self.micro_step)
-                loss = out["loss"]
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {self.global_step} (epoch {frac_epoch:.2f}); "
-                        f"the last good checkpoint is {self.checkpoint_path()}")
-                self.acc.backward(loss)
-                if self.s.max_grad_norm is not None and self.acc.sync_gradients:
-                    self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.micro_step += 1
-            for key in ("loss", "accuracy"):  # tensors: no device sync until logged
-                window.setdefault(key, []).append(out[key].detach())
-            for key, value in out.get("monitors", {}).items():  # per-step scalars a model reports
-                window.setdefault(key, []).append(value.detach().float())
-            if self.micro_step % self.s.grad_accum_steps:
+            if not self._micro_step(batch, bar, window):
                 continue
-            self.scheduler.step()
-            self.global_step += 1
-            bar.update(1)
-            record = self._maybe_log(batch, out, window)
-            if record is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-            if self.micro_step >= self.micro_per_epoch or self._done():
+            stop, due = self._poll()
+            if stop or self.micro_step >= self.micro_per_epoch or self._done():
                 break
-        if self.micro_step >= self.micro_per_epoch:
-            logger.info("epoch %d took %.1f s", self.epoch, time.perf_counter() - start)
-            self.epoch, self.micro_step = self.epoch + 1, 0
-            if self.epoch_hook is not None and self.acc.is_main_process:
-                record = {"step": self.global_step, "epoch": self.epoch, **self.epoch_hook(self.epoch)}
-                self._log(record)
-            if self.epoch % self.s.checkpoint_every_epochs == 0 or self._done():
+            if due:
                 self.save()
-        elif self._done():
+        if self.micro_step >= self.micro_per_epoch:
+            self._end_epoch(start, run_hook=not stop)
+            due = due or self.epoch % self.s.checkpoint_every_epochs == 0
+        if due or stop or self._done():
             self.save()
+        if stop:
+            raise self._interrupted()
+
+    def _micro_step(self, batch, bar, window: dict[str, list[torch.Tensor]]) -> bool:
+        """Forward and backward one micro-batch; returns whether it completed an optimiser step."""
+        frac_epoch = self.epoch + self.micro_step / self.micro_per_epoch
+        with self.acc.accumulate(self.model):
+            out = self.model(**batch, epoch=frac_epoch, step=self.epoch * self.micro_per_epoch + self.micro_step)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at step {self.global_step} (epoch {frac_epoch:.2f}); "
+                    f"the last good checkpoint is {self.checkpoint_path()}")
+            self.acc.backward(loss)
+            if self.s.max_grad_norm is not None and self.acc.sync_gradients:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_step += 1
+        for key in ("loss", "accuracy"):  # tensors: no device sync until logged
+            window.setdefault(key, []).append(out[key].detach())
+        for key, value in out.get("monitors", {}).items():  # per-step scalars a model reports
+            window.setdefault(key, []).append(value.detach().float())
+        if self.micro_step % self.s.grad_accum_steps:
+            return False
+        self.scheduler.step()
+        self.global_step += 1
+        bar.update(1)
+        record = self._maybe_log(batch, out, window)
+        if record is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+        return True
+
+    def _end_epoch(self, start: float, run_hook: bool) -> None:
+        logger.info("epoch %d took %.1f s", self.epoch, time.perf_counter() - start)
+        self.epoch, self.micro_step = self.epoch + 1, 0
+        if self.epoch_hook is None or not self.acc.is_main_process:
+            return
+        if not run_hook:
+            logger.warning("stopping: the epoch hook (kNN monitor) of epoch %d is skipped", self.epoch)
+            return
+        self._log({"step": self.global_step, "epoch": self.epoch, **self.epoch_hook(self.epoch)})
 
     def _maybe_log(self, batch, out, window: dict[str, list[torch.Tensor]]) -> dict[str, float] | None:
         """Log the window's means (and diagnostics) at logging steps; returns the record, or None."""

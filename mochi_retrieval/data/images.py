@@ -4,6 +4,10 @@ Every source splits a seeded per-epoch permutation into global batches; process
 r of W takes the r-th slice of each, so a W-process run sees exactly the data of
 a one-process run with the same global batch. Augmentation draws depend only on
 (seed, epoch, step or index), so a run resumed mid-epoch repeats the same views.
+
+An image file that cannot be decoded raises :class:`CorruptImageError` naming
+it; with ``skip_corrupt=True`` a training folder replaces it by the next image
+in the folder (batches keep their size), logs the file and counts it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .augment import BatchAugment, TwoCrops, eval_transform, mocov2_transform
 
 logger = logging.getLogger(__name__)
+
+
+class CorruptImageError(ValueError):
+    """An image file cannot be decoded (truncated, not an image)."""
+
+
+def checked_loader(path: str):
+    """torchvision's default image loader, with an error that names the file."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data ...
+        raise CorruptImageError(f"image {path} cannot be decoded ({type(err).__name__}: {err})") from err
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -93,21 +111,38 @@ class InMemoryViews:
 
 
 class _SeededFolder(Dataset):
-    """ImageFolder items whose augmentation is seeded by (sample seed) for reproducible views."""
+    """ImageFolder items whose augmentation is seeded by (sample seed) for reproducible views.
 
-    def __init__(self, folder, transform) -> None:
-        self.folder, self.transform = folder, transform
+    With ``skip_corrupt`` an undecodable image is replaced by the next decodable one in
+    the folder; the item then reports how many files it skipped.
+    """
+
+    def __init__(self, folder, transform, skip_corrupt: bool = False) -> None:
+        self.folder, self.transform, self.skip_corrupt = folder, transform, skip_corrupt
 
     def __len__(self) -> int:
         return len(self.folder.samples)
 
     def __getitem__(self, key: tuple[int, int]):
         index, sample_seed = key
-        path, label = self.folder.samples[index]
-        image = self.folder.loader(path)
+        index, image, skipped = self._load(index)
         torch.manual_seed(sample_seed)  # torchvision's random transforms draw from the global RNG
         q, k = self.transform(image)
-        return q, k, index, label
+        return q, k, index, self.folder.samples[index][1], skipped
+
+    def _load(self, index: int):
+        """(index actually loaded, image, files skipped on the way)."""
+        n = len(self.folder.samples)
+        for skipped in range(n):
+            i = (index + skipped) % n
+            try:
+                return i, self.folder.loader(self.folder.samples[i][0]), skipped
+            except CorruptImageError as err:
+                if not self.skip_corrupt:
+                    raise CorruptImageError(f"{err}; fix or remove it, or set data.skip_corrupt_images=true "
+                                            "to skip such files") from err
+                logger.warning("%s: skipped (data.skip_corrupt_images)", err)
+        raise CorruptImageError(f"no image of {self.folder.root} can be decoded")
 
 
 class _EpochBatchSampler(Sampler):
@@ -133,12 +168,16 @@ class FolderViews:
         image_size: crop side.
         num_workers: DataLoader worker processes.
         class_list: keep only these class folders (ImageNet-100).
+        skip_corrupt: replace an undecodable image by the next one instead of stopping;
+            :attr:`skipped` counts them.
     """
 
     def __init__(self, root: str, sharding: Sharding, seed: int, image_size: int = 224, num_workers: int = 8,
-                 class_list: Sequence[str] | None = None, device: torch.device | str = "cpu") -> None:
+                 class_list: Sequence[str] | None = None, device: torch.device | str = "cpu",
+                 skip_corrupt: bool = False) -> None:
         self.folder = image_folder(root, class_list)
-        self.dataset = _SeededFolder(self.folder, TwoCrops(mocov2_transform(image_size)))
+        self.dataset = _SeededFolder(self.folder, TwoCrops(mocov2_transform(image_size)), skip_corrupt)
+        self.skipped = 0  # undecodable files skipped by this process so far
         self.sharding, self.seed, self.num_workers = sharding, seed, num_workers
         self.device = torch.device(device)
         self.steps_per_epoch = sharding.steps_per_epoch(len(self.dataset))
@@ -150,9 +189,19 @@ class FolderViews:
         sampler = _EpochBatchSampler(len(self.dataset), self.sharding, self.seed, epoch, start_step)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for q, k, ids, labels in loader:
-            yield {"view_q": q.to(self.device, non_blocking=True), "view_k": k.to(self.device, non_blocking=True),
-                   "ids": ids.to(self.device), "labels": labels.to(self.device)}
+        try:
+            for q, k, ids, labels, skipped in loader:
+                self._count(int(skipped.sum()))
+                yield {"view_q": q.to(self.device, non_blocking=True),
+                       "view_k": k.to(self.device, non_blocking=True),
+                       "ids": ids.to(self.device), "labels": labels.to(self.device)}
+        except CorruptImageError as err:  # from a worker, its message wraps a traceback: keep the last line
+            raise CorruptImageError(str(err).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from err
+
+    def _count(self, skipped: int) -> None:
+        if skipped:
+            self.skipped += skipped
+            logger.warning("%d undecodable image file(s) skipped so far (data.skip_corrupt_images)", self.skipped)
 
 
 def image_folder(root: str, class_list: Sequence[str] | None = None, transform=None):
@@ -177,7 +226,7 @@ def image_folder(root: str, class_list: Sequence[str] | None = None, transform=N
             return names, {c: i for i, c in enumerate(names)}
 
     try:
-        return _Subset(root, transform=transform)
+        return _Subset(root, transform=transform, loader=checked_loader)
     except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
         raise FileNotFoundError(f"image folder {root} holds no images: {err}") from err
 

@@ -23,6 +23,8 @@ tokenized when the batch is built, with the optional asymmetric prefixes
 """
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
 import re
@@ -183,8 +185,6 @@ class TextPairs:
     def from_file(cls, path: str | Path, query_column: str = "query", positive_column: str = "positive",
                   negative_column: str = "negative", cache_dir: str | None = None) -> TextPairs:
         """Load a JSONL/JSON, CSV/TSV or Parquet pair file through ``datasets.load_dataset``."""
-        import datasets
-
         path = Path(path)
         kind = FILE_FORMATS.get(path.suffix.lower())
         if kind is None:
@@ -195,6 +195,9 @@ class TextPairs:
         if path.stat().st_size < 4096 and not path.read_bytes().strip():  # blank file
             raise ValueError(f"{path}: the data set is empty (no pairs): the file is empty")
         kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        check_lines(path)
+        import datasets
+
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs)
         except Exception as err:  # datasets raises many types for a malformed file
@@ -221,6 +224,60 @@ class TextPairs:
         queries, positives = ds[query_column], ds[positive_column]
         examples = [TextPair(_text(q), _text(p), n) for q, p, n in zip(queries, positives, negs)]
         return cls(examples, source)
+
+
+def check_lines(path: Path) -> None:
+    """Raise a ValueError naming the first empty or malformed line of a JSON-lines or CSV/TSV pairs file.
+
+    ``datasets`` skips blank lines (shifting every later row number) and reports a
+    malformed one by byte offset or not at all. Blank lines at the end are fine.
+    Lines count from 1, as editors count them.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        _check_jsonl(path)
+    elif suffix in (".csv", ".tsv"):
+        _check_csv(path, "\t" if suffix == ".tsv" else ",")
+
+
+def _clip(line: str, width: int = 80) -> str:
+    return line if len(line) <= width else line[:width] + "..."
+
+
+def _check_jsonl(path: Path) -> None:
+    blank = None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                blank = blank or number
+                continue
+            if blank is not None:
+                raise ValueError(f"{path}, line {blank}: empty line (a JSON-lines file holds one object a line)")
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}): "
+                                 f"{_clip(line.strip())!r}") from err
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(value).__name__}")
+
+
+def _check_csv(path: Path, delimiter: str) -> None:
+    blank = None
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        width = None
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                blank = blank or reader.line_num
+                continue
+            if blank is not None:
+                raise ValueError(f"{path}, line {blank}: empty line")
+            if width is None:
+                width = len(row)  # the header
+            elif len(row) != width:
+                raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields, the header has {width}: "
+                                 f"{_clip(delimiter.join(row))!r}")
 
 
 def _text(value: Any) -> str:
