@@ -82,6 +82,24 @@ def test_sentence_transformers_pooling_config_is_read(bert: Path, beir: Path, tm
         (bert / "sentence_bert_config.json").unlink()
 
 
+@pytest.mark.parametrize("mode,want", [("cls", "cls"), ("mean", "mean"), ("max", None)])
+def test_sentence_transformers_6_pooling_mode_is_read(bert: Path, mode: str, want: str | None) -> None:
+    """sentence-transformers >= 6 writes {"pooling_mode": "mean"} instead of one flag per mode."""
+    from mochi_retrieval.eval.errors import EvalInputError
+    from mochi_retrieval.eval.models import load_model
+
+    (bert / "1_Pooling").mkdir(exist_ok=True)
+    (bert / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": mode}))
+    try:
+        if want is None:
+            with pytest.raises(EvalInputError, match="unsupported pooling 'max'"):
+                load_model(bert)
+        else:
+            assert load_model(bert).encoder.pooling == want
+    finally:
+        (bert / "1_Pooling" / "config.json").unlink()
+
+
 def test_hf_folder_inside_run_folder(bert: Path, beir: Path, tmp_path: Path) -> None:
     import shutil
 

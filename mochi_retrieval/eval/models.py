@@ -82,6 +82,12 @@ def _st_settings(path: Path) -> tuple[str, int | None]:
     pool_cfg = path / "1_Pooling" / "config.json"
     if pool_cfg.is_file():
         modes = json.loads(pool_cfg.read_text())
+        if isinstance(modes.get("pooling_mode"), str):  # sentence-transformers >= 6: {"pooling_mode": "mean"}
+            name = {"mean": "mean", "cls": "cls"}.get(modes["pooling_mode"])
+            if name is None:
+                raise EvalInputError(f"{pool_cfg}: unsupported pooling {modes['pooling_mode']!r}; "
+                                     "only mean or cls pooling")
+            modes = {key: value == name for key, value in _ST_POOLING.items()}
         chosen = [name for key, name in _ST_POOLING.items() if modes.get(key)]
         others = [k for k, v in modes.items() if k.startswith("pooling_mode") and v and k not in _ST_POOLING]
         if others or len(chosen) != 1:
