@@ -155,6 +155,7 @@ class TextMoCo(nn.Module):
         self.temperature, self.in_batch, self.mochi, self.seed = temperature, in_batch_negatives, mochi, seed
         self.grad_cache_chunk = grad_cache_chunk
         self.bank_settings, self.bank_corpus = bank, bank_corpus
+        self._text_of = dict(zip(bank_corpus.ids.tolist(), bank_corpus.texts)) if bank_corpus is not None else {}
         self.bank: FaissNegativeBank | None = None
         if bank is not None:
             wanted = bank.candidates + bank.mined_negatives + bank.skip_top
@@ -339,8 +340,6 @@ class TextMoCo(nn.Module):
 
     def bank_corpus_text(self, doc_id: int) -> str:
         """The (prefixed) text of a bank document by doc id."""
-        if not hasattr(self, "_text_of"):
-            self._text_of = dict(zip(self.bank_corpus.ids.tolist(), self.bank_corpus.texts))
         return self._text_of[doc_id]
 
     def _mine(self, q: Tensor, k: Tensor, ids: Tensor,
