@@ -59,6 +59,12 @@ OURS = {
     "ours_bank_mochi_paper": BANK + MOCHI + ["mochi.beta_max=0.5", "mochi.cap_at_positive=false",
                                              "mochi.n_hard=64", "mochi.n_mix=32", "mochi.n_query_mix=16"],
     "ours_bank_mochi_small": BANK + MOCHI + ["mochi.n_hard=16", "mochi.n_mix=8", "mochi.n_query_mix=0"],
+    # MoCHi tuning at T 0.05 (issue 9): pair mixes only at the default pool, the query-mix range.
+    "ours_bank_mochi_pairs": BANK + MOCHI + ["mochi.n_query_mix=0"],
+    "ours_bank_mochi_beta10": BANK + MOCHI + ["mochi.beta_max=0.1"],
+    "ours_bank_mochi_beta50": BANK + MOCHI + ["mochi.beta_max=0.5"],
+    # More re-encoded mined negatives per query (sentence-transformers' recipe uses 3).
+    "ours_bank_mined3": BANK + ["bank.mined_negatives=3"],
     "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
                             "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }
