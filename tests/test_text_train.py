@@ -141,8 +141,9 @@ def test_package_model_paths_resolve_or_name_the_install():
 
 
 def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_beir, tmp_path):
-    """Global batch 8 as 2 x 4 under DDP (gloo): in-batch keys gathered with this rank's gradient, one bank
-    and one queue per process kept identical; the trained weights match the one-process run."""
+    """Global batch 8 as 2 x 4 under DDP (gloo): in-batch keys and mined bank documents (re-encoded with
+    gradient) gathered with this rank's gradient, one bank and one queue per process kept identical; the
+    trained weights match the one-process run."""
     import os
     import subprocess
     import sys
@@ -150,7 +151,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_bei
     config = json.loads((tiny_text_model_dir / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths on every process
     (tiny_text_model_dir / "config.json").write_text(json.dumps(config))
-    common = {"mochi.enabled": "false", "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
+    common = {"mochi.enabled": "false", "bank.mined_negatives": 1, "bank.max_pos_ratio": "null", "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
               "train.lr": 0.5, "train.warmup_epochs": 0, "train.schedule": "constant"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runs = {}
@@ -164,6 +165,10 @@ def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_bei
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = (out, proc.stderr)
     assert "replicas agree on 6 tensors across 2 processes" in runs[2][1]  # queue (5) + bank embeddings
+    for procs in (1, 2):  # the mined documents took part in the softmax on every step
+        records = [json.loads(line) for line in (runs[procs][0] / "metrics.jsonl").read_text().splitlines()]
+        mined = [r["mass_mined"] for r in records if "mass_mined" in r]
+        assert len(mined) == 2 and min(mined) > 0, mined
     texts = ["red cat", "the small fox ran over the lazy dog", "blue bird"]
     one, two = (load_model(runs[p][0] / "model").encode_texts(texts) for p in (1, 2))
     start = load_model(tiny_text_model_dir).encode_texts(texts)
