@@ -39,7 +39,8 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
-from .search import FAISS_GPU_MAX_K, _import_faiss, faiss_num_gpus, l2_normalize, search
+from .optional import import_faiss
+from .search import FAISS_GPU_MAX_K, faiss_num_gpus, l2_normalize, search
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class FaissNegativeBank:
     def _build_index(self) -> None:
         if self.backend != "faiss" or not self._dirty:
             return
-        faiss = _import_faiss()
+        faiss = import_faiss()
         if self._index is None or self._index.d != self.dim:
             self._index = faiss.IndexFlatIP(self.dim)
             if self.use_gpu:

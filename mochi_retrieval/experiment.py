@@ -10,10 +10,10 @@ from torch import nn
 
 from .config import ExperimentConfig
 from .data.augment import BatchAugment
+from .data.fashion_mnist import FASHION_MNIST_STATS
 from .data.images import FolderViews, InMemoryViews, Sharding, read_class_list
 from .diagnostics import step_diagnostics
 from .encoders import create_encoder
-from .eval.features import FASHION_MNIST_STATS
 from .bank import BankSettings
 from .loss import MoCHiConfig
 from .moco import MoCo

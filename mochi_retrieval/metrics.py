@@ -69,7 +69,7 @@ class Qrels:
 
         Raises:
             KeyError: a query or document id is not in ``query_ids`` / ``doc_ids``
-                (validate first; :mod:`mochi_retrieval.eval.beir` does).
+                (validate first; :mod:`mochi_retrieval.data.beir` does).
         """
         q_pos = {q: i for i, q in enumerate(query_ids)}
         d_pos = {d: i for i, d in enumerate(doc_ids)}

@@ -183,11 +183,6 @@ def _blocks(negatives: Negatives) -> list[torch.Tensor]:
     return blocks
 
 
-def num_negatives(negatives: Negatives) -> int:
-    """Total number of columns M over all blocks."""
-    return sum(t.shape[-2] for t in _blocks(negatives))
-
-
 def gather_negatives(negatives: Negatives, columns: torch.Tensor) -> torch.Tensor:
     """Rows of the negatives at the given columns.
 

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .optional import faiss_available, import_faiss
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["auto", "faiss", "torch"]
@@ -50,16 +52,6 @@ def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=eps)
 
 
-def _import_faiss():
-    try:
-        import faiss
-    except ImportError as e:  # faiss-cpu is a core dependency, but may have been swapped out
-        raise ImportError(
-            "backend='faiss' needs the faiss module: pip install faiss-cpu (or faiss-gpu-cu12 for GPU search)"
-        ) from e
-    return faiss
-
-
 def faiss_num_gpus() -> int:
     """Number of GPUs the installed faiss can use (0 for faiss-cpu or no faiss)."""
     try:
@@ -68,14 +60,6 @@ def faiss_num_gpus() -> int:
         return 0
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
-
-
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def resolve_backend(backend: Backend, queries: Tensor) -> str:
@@ -87,7 +71,7 @@ def resolve_backend(backend: Backend, queries: Tensor) -> str:
         raise ValueError(f"unknown search backend {backend!r}; use 'auto', 'faiss' or 'torch'")
     if faiss_num_gpus() > 0:
         return "faiss"
-    if queries.device.type != "cpu" or not _faiss_available():
+    if queries.device.type != "cpu" or not faiss_available():
         return "torch"
     return "faiss"
 
@@ -136,7 +120,7 @@ def _as_numpy(x: Tensor) -> np.ndarray:
 def _faiss_search(
     queries: Tensor, corpus: Tensor, k: int, q_chunk: int, c_chunk: int, use_gpu: bool
 ) -> tuple[Tensor, Tensor]:
-    faiss = _import_faiss()
+    faiss = import_faiss()
     if use_gpu and k > FAISS_GPU_MAX_K:
         logger.info("k=%d exceeds the FAISS GPU cap of %d; searching a CPU flat index", k, FAISS_GPU_MAX_K)
         use_gpu = False

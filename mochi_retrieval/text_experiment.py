@@ -126,7 +126,7 @@ class TextEvaluator:
         self.cfg, self.device = cfg, device
 
     def evaluator(self):
-        from .eval.beir import load_beir
+        from .data.beir import load_beir
         from .eval.retrieval import RetrievalEvaluator
         from .metrics import Qrels
 
@@ -162,7 +162,7 @@ class TextEvaluator:
     def score(self, encode) -> dict[str, float]:
         """The evaluator's metrics plus ``doc_mean_cosine``: the mean cosine between the split's documents
         (how spread out the document embeddings are; it rises when documents collapse together)."""
-        from .eval.retrieval import encode_in_batches
+        from .encoders import encode_in_batches
         from .search import l2_normalize
         from .text_negatives import mean_pairwise_cosine
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import BankSettings, FaissNegativeBank
-from .encoders import cosine_momentum, encoder_output_dim, make_momentum_copy, momentum_update
+from .encoders import cosine_momentum, encode_in_batches, encoder_output_dim, make_momentum_copy, momentum_update
 from .grad_cache import GradCache
 from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
 from .queue import NO_ID, MomentumQueue
@@ -209,8 +209,6 @@ class TextMoCo(nn.Module):
         Each process embeds a 1/W slice and the slices are gathered, so every
         process holds the same bank.
         """
-        from .eval.retrieval import encode_in_batches
-
         start = time.perf_counter()
         net = self._key_net()
         was_training = net.training

@@ -11,7 +11,7 @@ from mochi_retrieval.data import debian
 from mochi_retrieval.data.debian import (
     FETCH_COMMAND, build_corpus, clean_description, main, translation_files, write_beir,
 )
-from mochi_retrieval.eval.beir import load_beir
+from mochi_retrieval.data.beir import load_beir
 
 
 def _entry(package: str, synopsis: str, body: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from eval_helpers import make_run_folder, make_tiny_beir, make_tiny_bert
-from mochi_retrieval.eval.beir import load_beir
+from mochi_retrieval.data.beir import load_beir
 from mochi_retrieval.eval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def mocov2_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -33,18 +34,6 @@ def mocov2_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
         T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
-
-
-def eval_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Resize to 256/224 of the size, centre crop, normalise."""
-    from torchvision import transforms as T
-
-    return T.Compose([
-        T.Resize(int(round(image_size * 256 / 224))),
-        T.CenterCrop(image_size),
         T.ToTensor(),
         T.Normalize(mean, std),
     ])

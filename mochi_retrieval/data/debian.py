@@ -13,7 +13,7 @@ paragraph per package::
      This package contains the main data files required by 0 A.D.
 
 Building (``python -m mochi_retrieval.data.debian OUT_DIR``) writes the BEIR
-layout that :func:`mochi_retrieval.eval.beir.load_beir` reads:
+layout that :func:`mochi_retrieval.data.beir.load_beir` reads:
 ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/{train,dev,test}.tsv``.
 
 Choices, and why:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))  # per-channel mean and std of the training images
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

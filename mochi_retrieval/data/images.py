@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import BatchAugment, TwoCrops, eval_transform, mocov2_transform
+from .augment import BatchAugment, TwoCrops, mocov2_transform
 
 logger = logging.getLogger(__name__)
 
@@ -239,15 +239,3 @@ def read_class_list(path: str) -> list[str]:
     if not names:
         raise ValueError(f"class list {path} is empty")
     return names
-
-
-def folder_eval_set(root: str, image_size: int, class_list: Sequence[str] | None = None):
-    """ImageFolder for feature extraction: resize + centre crop, yields (image, label)."""
-    return image_folder(root, class_list, transform=eval_transform(image_size))
-
-
-def tensor_eval_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> normalised float, for feature extraction without augmentation."""
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .beir import load_beir
 from .images import Sharding, epoch_permutation
 
 logger = logging.getLogger(__name__)
@@ -170,8 +171,6 @@ class TextPairs:
         ``doc_id`` is the document's index in ``doc_texts`` (the whole corpus), so
         a negative bank can exclude each query's positives.
         """
-        from mochi_retrieval.eval.beir import load_beir
-
         data = load_beir(root, split)
         index = {d: i for i, d in enumerate(data.doc_ids)}
         examples = [

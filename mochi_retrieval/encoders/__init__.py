@@ -5,6 +5,7 @@ Importing this package registers the built-in encoders: "resnet18",
 """
 
 from mochi_retrieval.encoders.base import Batch, EncoderCheckError, check_encoder, encoder_output_dim
+from mochi_retrieval.encoders.encoding import EncodeFn, encode_in_batches
 from mochi_retrieval.encoders.heads import (
     EncoderWithHead,
     ProjectionHead,
@@ -23,6 +24,7 @@ from mochi_retrieval.encoders.text import HFTextEncoder, mean_pool
 
 __all__ = [
     "Batch",
+    "EncodeFn",
     "EncoderCheckError",
     "EncoderWithHead",
     "HFTextEncoder",
@@ -32,6 +34,7 @@ __all__ = [
     "check_encoder",
     "cosine_momentum",
     "create_encoder",
+    "encode_in_batches",
     "encoder_output_dim",
     "list_encoders",
     "make_momentum_copy",

@@ -4,7 +4,7 @@ Evaluators only need an encode function. The command line is
 ``python -m mochi_retrieval.eval`` (see :mod:`mochi_retrieval.eval.cli`).
 """
 
-from mochi_retrieval.eval.beir import BeirData, load_beir
+from mochi_retrieval.data.beir import BeirData, load_beir
 from mochi_retrieval.eval.errors import EvalInputError
 from mochi_retrieval.eval.retrieval import RetrievalEvaluator, RetrievalResult
 

@@ -109,7 +109,7 @@ def plot_recall_curve(curve: Tensor, ks: Sequence[int], path: Path, title: str) 
 
 
 def _run_retrieval(args: argparse.Namespace) -> dict[str, float]:
-    from mochi_retrieval.eval.beir import load_beir
+    from mochi_retrieval.data.beir import load_beir
     from mochi_retrieval.eval.models import load_model
     from mochi_retrieval.eval.retrieval import RetrievalEvaluator
 

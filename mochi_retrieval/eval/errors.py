@@ -1,10 +1,8 @@
-"""The one exception type evaluation code raises for bad user input."""
+"""The one exception type evaluation code raises for bad user input (defined in :mod:`mochi_retrieval.errors`,
+below the data layer, since data loaders such as the BEIR reader raise it too)."""
 
 from __future__ import annotations
 
+from mochi_retrieval.errors import EvalInputError
 
-class EvalInputError(ValueError):
-    """Bad input to an evaluation: a data folder in the wrong layout, qrels that
-    name unknown ids, an empty split, a model path that loads nothing, a k larger
-    than the corpus. The command line prints its message and exits non-zero,
-    without a traceback."""
+__all__ = ["EvalInputError"]

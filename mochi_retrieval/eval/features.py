@@ -18,15 +18,16 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from mochi_retrieval.data.augment import IMAGENET_STATS
+from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS, FashionMNIST, missing_files
+from mochi_retrieval.data.images import image_folder
 from mochi_retrieval.eval.errors import EvalInputError
 
 logger = logging.getLogger(__name__)
 
-FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 @dataclass
@@ -55,8 +56,7 @@ def input_channels(encoder: nn.Module) -> int:
 def eval_transform(image_size: int, in_channels: int, mean: Sequence[float], std: Sequence[float],
                    resize_ratio: float = 1.0):
     """Resize the shorter side to ``image_size * resize_ratio``, centre crop ``image_size``, to tensor,
-    channel fix-up, normalise (ImageFolder data use the usual 256/224 ratio, as the trainer's
-    :func:`mochi_retrieval.data.augment.eval_transform`).
+    channel fix-up, normalise (ImageFolder data use the usual 256/224 ratio).
 
     Returns a callable PIL image -> (in_channels, image_size, image_size) float tensor.
     """
@@ -90,8 +90,6 @@ def load_classification_data(root: str | Path, encoder: nn.Module, image_size: i
     Raises:
         EvalInputError: ``root`` is neither layout (the message lists what is missing).
     """
-    from mochi_retrieval.data.fashion_mnist import FashionMNIST, missing_files
-
     root = Path(root)
     if not root.is_dir():
         raise EvalInputError(f"data folder {root} does not exist or is not a directory")
@@ -108,10 +106,6 @@ def load_classification_data(root: str | Path, encoder: nn.Module, image_size: i
         raise EvalInputError(
             f"{root} is neither a Fashion-MNIST folder (missing {', '.join(idx_missing)}) nor an ImageFolder "
             f"root (missing {', '.join(lacking)})")
-    from torch.utils.data import Subset
-
-    from mochi_retrieval.data.images import image_folder
-
     tf = eval_transform(image_size, channels, *IMAGENET_STATS, resize_ratio=256 / 224)
 
     try:  # class_list keeps a subset of the class folders (ImageNet-100)

@@ -25,14 +25,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mochi_retrieval.encoders.encoding import EncodeFn, encode_in_batches
 from mochi_retrieval.eval.errors import EvalInputError
 from mochi_retrieval.metrics import Qrels, compute_metrics, recall_curve
 from mochi_retrieval.search import Backend, faiss_num_gpus, l2_normalize, search
 
 logger = logging.getLogger(__name__)
-
-EncodeFn = Callable[[list[str]], Tensor]
-
 
 @dataclass
 class RetrievalResult:
@@ -40,24 +38,6 @@ class RetrievalResult:
 
     metrics: dict[str, float]
     recall_curve: Tensor
-
-
-def encode_in_batches(encode: EncodeFn, texts: Sequence[str], batch_size: int, desc: str, progress: bool) -> Tensor:
-    """Encode ``texts`` in batches of similar length (less padding), in the original order.
-
-    Returns:
-        (len(texts), D) float32 on the CPU, unit rows.
-    """
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    out = []
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", disable=not progress):
-            emb = encode([texts[j] for j in order[i : i + batch_size]])
-            out.append(l2_normalize(emb.detach()).cpu())
-    emb = torch.cat(out)
-    result = torch.empty_like(emb)
-    result[torch.tensor(order, dtype=torch.int64)] = emb
-    return result
 
 
 class RetrievalEvaluator:
@@ -111,7 +91,7 @@ class RetrievalEvaluator:
 
     @classmethod
     def from_beir(cls, data, **kwargs) -> "RetrievalEvaluator":
-        """Build from a :class:`mochi_retrieval.eval.beir.BeirData`."""
+        """Build from a :class:`mochi_retrieval.data.beir.BeirData`."""
         return cls(data.query_texts, data.doc_texts, data.qrels_tensor(), **kwargs)
 
     def evaluate_embeddings(self, query_emb: Tensor, corpus_emb: Tensor) -> RetrievalResult:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mochi_retrieval.eval.errors import EvalInputError
+from mochi_retrieval.errors import EvalInputError
 from mochi_retrieval.metrics import Qrels
 
 logger = logging.getLogger(__name__)
