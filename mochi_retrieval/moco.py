@@ -1,9 +1,10 @@
-"""MoCo-v2 (+ MoCHi) as one module: query network, momentum key network, queue, loss.
+"""MoCo-v2 (+ MoCHi) for images: the image adapter of the contrastive core.
 
 One call of :meth:`MoCo.forward` is one training step's maths: momentum update,
-key encoding (with shuffle BN across processes), InfoNCE with optional MoCHi
-negatives, and enqueueing the keys. It returns named tensors; the trainer owns
-optimisation, devices and logging.
+key encoding (with shuffle BN across processes), then the core's step
+(:class:`~mochi_retrieval.core.ContrastiveCore`): InfoNCE over the queue (and
+the bank's candidates) with optional MoCHi negatives, and the key writes. It
+returns named tensors; the trainer owns optimisation, devices and logging.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .encoders import EncoderWithHead, cosine_momentum, ProjectionHead, encoder_output_dim, make_momentum_copy, momentum_update
-from .bank import BankSettings, FaissNegativeBank
-from .loss import ContrastiveOutput, MoCHiConfig, MoCHiLoss
-from .queue import MomentumQueue
+from .bank import BankSettings
+from .core import ContrastiveCore, no_ids
+from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
+from .loss import MoCHiConfig
+from .negatives import Query, Source
 
 
-class MoCo(nn.Module):
+class MoCo(ContrastiveCore):
     """MoCo-v2 with an optional MoCHi hard-negative mixer.
 
     Args:
@@ -69,53 +71,32 @@ class MoCo(nn.Module):
         bank: BankSettings | None = None,
         bank_labels: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        if bank is not None and (bank_labels is None or bank.candidates + bank.skip_top > bank_labels.numel()):
-            raise ValueError(f"bank: needs bank_labels for every training item and more items than "
-                             f"bank.candidates + skip_top; got {None if bank_labels is None else bank_labels.numel()}")
+        if bank is not None and bank_labels is None:
+            raise ValueError("bank: needs bank_labels, the (N,) class of every training item (it sizes the bank)")
         if mochi is not None and mochi.n_hard > queue_size:
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        super().__init__(temperature=temperature, momentum=momentum, momentum_schedule=momentum_schedule,
+                         total_steps=total_steps, mochi=mochi, gradient="joint", seed=seed)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
         self.key_net = make_momentum_copy(self.query_net)
-        self.queue = MomentumQueue(queue_size, head_out_dim)
-        self.criterion = MoCHiLoss(temperature, mochi)
-        self.momentum = momentum
+        if queue_size <= 0:
+            raise ValueError(f"queue size and dim must be positive, got size={queue_size}, dim={head_out_dim}")
+        self._init_negatives(queue_size, head_out_dim, bank, 0 if bank_labels is None else bank_labels.numel())
         self.mask_same_instance = mask_same_instance
         self.mask_same_label = mask_same_label
         self.shuffle_bn = shuffle_bn
-        if momentum_schedule not in ("constant", "cosine"):
-            raise ValueError(f"momentum_schedule must be 'constant' or 'cosine', got {momentum_schedule!r}")
-        if momentum_schedule == "cosine" and not total_steps:
-            raise ValueError("momentum_schedule='cosine' needs total_steps")
-        self.momentum_schedule, self.total_steps, self.seed = momentum_schedule, total_steps, seed
-        self._generator: torch.Generator | None = None
-        self.bank_settings, self.bank = bank, None
-        if bank is not None:
-            self.bank = FaissNegativeBank(bank.backend, bank.device)
+        if self.bank is not None:
             g = torch.Generator().manual_seed(seed)
             init = torch.randn(bank_labels.numel(), head_out_dim, generator=g)
             self.bank.refresh(init, text_group=bank_labels.detach().cpu().long())
 
-    def momentum_at(self, step: int | None) -> float:
-        if self.momentum_schedule == "cosine" and step is not None:
-            return cosine_momentum(self.momentum, step, self.total_steps)
-        return self.momentum
-
-    def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
-        self._generator = distributed.step_generator(self._generator, self.seed, step, device)
-        return self._generator
+    _bank_items_name, _bank_item_unit = "training set", "items in bank_labels"
 
     @property
     def encoder(self) -> nn.Module:
         """The query backbone, without the head: what evaluation and export use."""
         return self.query_net.encoder
-
-    def replicated_state(self) -> dict[str, torch.Tensor]:
-        """State every process must hold identically: the queue and its pointer."""
-        return {f"queue.{name}": buf for name, buf in self.queue.named_buffers()}
 
     @torch.no_grad()
     def encode_keys(self, view_k: torch.Tensor) -> torch.Tensor:
@@ -154,34 +135,23 @@ class MoCo(nn.Module):
             ran ``hard_idx``, ``pair_i``, ``pair_j``, ``query_j``.
         """
         q = F.normalize(self.query_net(view_q).float(), dim=1)
-        if not torch.isfinite(q).all():
-            # Diverged: report a NaN loss (the trainer stops on it) rather than
-            # failing later inside the hard-pool selection.
-            nan = q.sum() * float("nan")
-            return {"loss": nan, "accuracy": nan.detach()}
-        with torch.no_grad():
-            momentum_update(self.query_net, self.key_net, self.momentum_at(step))
+        diverged = self._diverged(q)
+        if diverged is not None:
+            return diverged
+        self._momentum_step(self.query_net, self.key_net, step)
         k = self.encode_keys(view_k)
-        mask = self.queue.exclusion_mask(
-            ids if self.mask_same_instance else None, labels if self.mask_same_label else None
-        )
-        generator = self._step_generator(step, q.device) if step is not None else None
-        # The contrastive head runs in float32 even under autocast.
-        # A copy: backward needs the keys as they were, after add() overwrote some.
-        negatives = self.queue.negatives().clone()
-        # Labels of the entries the logits were computed against, for diagnostics.
-        queue_labels = self.queue.labels.clone()
+        b = q.shape[0]
+        query = Query(q.detach(), ids.view(-1, 1) if self.mask_same_instance and ids is not None else no_ids(b, q.device),
+                      labels.view(-1, 1) if self.mask_same_label and labels is not None else no_ids(b, q.device))
+        sources = self._queue_source(query)
         if self.bank is not None:
-            negatives, mask, queue_labels = self._with_bank(q, ids, negatives, mask, queue_labels)
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            out: ContrastiveOutput = self.criterion(
-                q, k, negatives, epoch=epoch, neg_mask=mask, generator=generator
-            )
-        self.queue.add(k, ids=ids, labels=labels)
-        if self.bank is not None and self.bank_settings.update_with_keys:
-            self.bank.update(distributed.all_gather_cat(ids).cpu(), distributed.all_gather_cat(k).cpu())
+            sources.append(self._bank_source(q, ids))
+        # Labels of the entries the logits were computed against, for diagnostics (before the keys are written).
+        queue_labels = self.queue.labels.clone() if len(sources) == 1 else torch.cat(
+            [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
+        out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False)
         result = {
-            "loss": out.loss,
+            "loss": loss,
             "accuracy": out.accuracy,
             "q": q.detach(),
             "k": k,
@@ -194,17 +164,15 @@ class MoCo(nn.Module):
                           query_j=out.plan.query_j)
         return result
 
-    def _with_bank(self, q, ids, queue_negs, mask, queue_labels):
-        """Append each query's bank candidates: negatives (queue, (B, c, D)), mask and labels (B, K + c)."""
+    def _bank_source(self, q: torch.Tensor, ids: torch.Tensor | None) -> Source:
+        """Each query's bank candidates (B, c, D): its own item excluded (and its class under
+        ``mask_same_label``), so their mask is empty."""
         if ids is None:
             raise ValueError("a bank needs the instance ids of the batch (ids=...)")
         s = self.bank_settings
         cand_ids, vectors = self.bank.candidates(
             q.detach(), s.candidates, exclude=ids.view(-1, 1), exclude_text_dupes=self.mask_same_label,
             skip_top=s.skip_top, max_similarity=s.max_similarity)
-        b, c = cand_ids.shape
-        if mask is not None:  # the bank already left out the query's own item (and class)
-            mask = torch.cat([mask, torch.zeros(b, c, dtype=torch.bool, device=q.device)], dim=1)
-        groups = self.bank.text_group.to(q.device)
-        labels = torch.cat([queue_labels.view(1, -1).expand(b, -1), groups[cand_ids.to(q.device)]], dim=1)
-        return (queue_negs, vectors.to(q.device)), mask, labels
+        cand_ids = cand_ids.to(q.device)
+        groups = self.bank.text_group.to(q.device)[cand_ids]
+        return Source("bank", vectors.to(q.device), cand_ids, groups, False, cand_ids < 0)

@@ -1,8 +1,8 @@
 """MoCo momentum queue: a fixed-size ring buffer of keys, a negative source.
 
-A negative source (queue, FAISS bank, exact search) follows one small protocol:
-``add(keys, ids=None, labels=None)``, ``negatives()``, ``len()``,
-``state_dict()`` / ``load_state_dict()``. Sources never compute losses.
+It follows :class:`mochi_retrieval.negatives.NegativeSource`: ``source(query)``
+gives the step's block (with its false-negative mask), ``add(keys, ids, labels)``
+takes the step's keys. Sources never compute losses.
 """
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import all_gather_cat
-
-NO_ID = -1  # id/label of entries that came from the random initialisation
+from .negatives import NO_ID, Query, Source, false_negative_mask
 
 
 class MomentumQueue(nn.Module):
@@ -95,6 +94,13 @@ class MomentumQueue(nn.Module):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(values.shape)}")
         return values.to(device=device, dtype=torch.long)
 
+    def source(self, query: Query, name: str = "queue") -> Source:
+        """This step's block: a copy of the keys (backward needs them as they were after :meth:`add`
+        overwrote some), their ids and labels, no gradient, and each query's false negatives."""
+        dev = self.ids.device
+        mask = false_negative_mask(self.ids, self.labels, query.exclude.to(dev), query.exclude_groups.to(dev))
+        return Source(name, self.keys.clone(), self.ids, self.labels, False, mask)
+
     def exclusion_mask(
         self, ids: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor | None:
@@ -105,12 +111,10 @@ class MomentumQueue(nn.Module):
         initialisation (id/label -1) are never excluded. Returns None when
         neither ids nor labels are given.
         """
-        mask = None
-        for query_vals, bank_vals in ((ids, self.ids), (labels, self.labels)):
-            if query_vals is None:
-                continue
-            same = (query_vals.view(-1, 1).to(bank_vals.device) == bank_vals.view(1, -1)) & (
-                bank_vals.view(1, -1) != NO_ID
-            )
-            mask = same if mask is None else mask | same
-        return mask
+        if ids is None and labels is None:
+            return None
+        dev = self.ids.device
+        none = torch.full(((ids if ids is not None else labels).shape[0], 1), NO_ID, dtype=torch.long, device=dev)
+        exclude = ids.view(-1, 1).to(dev) if ids is not None else none
+        groups = labels.view(-1, 1).to(dev) if labels is not None else none
+        return false_negative_mask(self.ids, self.labels, exclude, groups)

@@ -164,7 +164,7 @@ class TextEvaluator:
         (how spread out the document embeddings are; it rises when documents collapse together)."""
         from .encoders import encode_in_batches
         from .search import l2_normalize
-        from .text_negatives import mean_pairwise_cosine
+        from .monitors import mean_pairwise_cosine
 
         ev = self.evaluator()
         q = encode_in_batches(encode, ev.queries, ev.batch_size, "queries", ev.show_progress)

@@ -1,7 +1,8 @@
 """Contrastive text retrieval: in-batch documents, mined documents, a MoCo queue and a FAISS bank, with MoCHi.
 
-One call of :meth:`TextMoCo.forward` is one training step's maths. Per query
-the negatives are the union of four sources, in this order (each may be off):
+The text adapter of the contrastive core (:class:`~mochi_retrieval.core.ContrastiveCore`). One call of
+:meth:`TextMoCo.forward` is one training step's maths. Per query the negatives are the union of four
+sources, in this order (each may be off):
 
 - **in-batch**: every other document of the global batch (and any hard
   negatives the pairs carry), as in ``MultipleNegativesRankingLoss``; with
@@ -17,21 +18,14 @@ MoCHi's hard pool is taken from that union. False negatives are masked in
 every source: the query's own positives and anything whose tokenised input
 equals one of theirs; an entry present in several sources counts once.
 
-Gradient balance (shared mode). Documents carry gradient; the detached sources
-(queue, bank vectors, MoCHi's synthetic points) do not. In one softmax they take
-probability mass from the in-batch documents, so each document is pulled to
-its query and hardly pushed from the others, and documents collapse together.
-With ``gradient="query_only"`` (the default) the loss is two terms: the union
-of every source scores the query (documents detached), and the
-gradient-carrying sources alone score the documents (query detached), which is
-``MultipleNegativesRankingLoss``'s document gradient. With no detached source
-this is the one-softmax loss itself. ``"joint"`` keeps one softmax over
-everything (for comparison). Key encoder ``"momentum"`` (MoCo) gives documents
-no gradient at all.
+Gradient balance (shared mode): with ``gradient="query_only"`` (the default) the detached sources
+score the query only, and the gradient-carrying sources alone score the documents, which is
+``MultipleNegativesRankingLoss``'s document gradient (the core's module docstring has the reasoning).
+``"joint"`` keeps one softmax over everything (for comparison). Key encoder ``"momentum"`` (MoCo)
+gives documents no gradient at all.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -43,13 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .bank import BankSettings, FaissNegativeBank
-from .encoders import cosine_momentum, encode_in_batches, encoder_output_dim, make_momentum_copy, momentum_update
+from .bank import BankSettings
+from .core import ContrastiveCore, Gradient
+from .encoders import encode_in_batches, encoder_output_dim, make_momentum_copy
 from .grad_cache import GradCache
-from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
-from .queue import NO_ID, MomentumQueue
-from .text_negatives import (Source, duplicate_mask, false_negative_mask, family_share, mean_pairwise_cosine,
-                             source_mass)
+from .loss import ContrastiveOutput, MoCHiConfig
+from .monitors import family_share, mean_pairwise_cosine, source_mass
+from .negatives import NO_ID, Query, Source, false_negative_mask
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +63,7 @@ class BankCorpus:
 
 
 
-class TextMoCo(nn.Module):
+class TextMoCo(ContrastiveCore):
     """Text retrieval model: queries and documents through one encoder (or a momentum copy).
 
     Args:
@@ -117,33 +111,30 @@ class TextMoCo(nn.Module):
         bank: BankSettings | None = None,
         bank_corpus: BankCorpus | None = None,
         max_neg_pos_ratio: float | None = None,
-        gradient: Literal["query_only", "joint"] = "query_only",
+        gradient: Gradient = "query_only",
         doc_families: Tensor | None = None,
         token_groups: Mapping[tuple[int, ...], int] | None = None,
         grad_cache_chunk: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         if key_encoder not in ("shared", "momentum"):
             raise ValueError(f"key_encoder must be 'shared' or 'momentum', got {key_encoder!r}")
-        if gradient not in ("query_only", "joint"):
-            raise ValueError(f"gradient must be 'query_only' or 'joint', got {gradient!r}")
         if not (in_batch_negatives or queue_size > 0 or bank is not None):
             raise ValueError("no negatives: enable in-batch negatives, the queue (queue_size > 0) or the bank")
         if bank is not None and bank_corpus is None:
             raise ValueError("a bank needs bank_corpus (the documents it indexes)")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if momentum_schedule not in ("constant", "cosine") or (momentum_schedule == "cosine" and not total_steps):
-            raise ValueError(f"momentum_schedule must be 'constant' or 'cosine' (with total_steps), "
-                             f"got {momentum_schedule!r}")
         if grad_cache_chunk is not None and grad_cache_chunk < 1:
             raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
+        if max_neg_pos_ratio is not None and max_neg_pos_ratio <= 0:
+            raise ValueError(f"max_neg_pos_ratio must be > 0, got {max_neg_pos_ratio}")
+        super().__init__(temperature=temperature, momentum=momentum, momentum_schedule=momentum_schedule,
+                         total_steps=total_steps, mochi=mochi, gradient=gradient, seed=seed)
         dim = encoder_output_dim(encoder)
         self.query_encoder = encoder
         self.key_encoder = make_momentum_copy(encoder) if key_encoder == "momentum" else None
-        self.shared, self.gradient = key_encoder == "shared", gradient
-        self.queue = MomentumQueue(queue_size, dim) if queue_size > 0 else None
+        self.shared = key_encoder == "shared"
+        self._init_negatives(queue_size, dim, bank, 0 if bank_corpus is None else len(bank_corpus.texts))
+        self.replicate_bank = True
         groups = doc_groups.detach().to(torch.long).reshape(-1).clone()
         self.register_buffer("doc_groups", groups)
         families = groups if doc_families is None else doc_families.detach().to(torch.long).reshape(-1).clone()
@@ -151,37 +142,16 @@ class TextMoCo(nn.Module):
             raise ValueError(f"doc_families has {families.numel()} entries for {groups.numel()} documents")
         self.register_buffer("doc_families", families)
         self.token_groups = dict(token_groups or {})
-        self.momentum, self.momentum_schedule, self.total_steps = momentum, momentum_schedule, total_steps
-        self.temperature, self.in_batch, self.mochi, self.seed = temperature, in_batch_negatives, mochi, seed
-        self.grad_cache_chunk = grad_cache_chunk
-        self.bank_settings, self.bank_corpus = bank, bank_corpus
+        self.in_batch, self.grad_cache_chunk, self.max_neg_pos_ratio = in_batch_negatives, grad_cache_chunk, max_neg_pos_ratio
+        self.bank_corpus = bank_corpus
         self._text_of = dict(zip(bank_corpus.ids.tolist(), bank_corpus.texts)) if bank_corpus is not None else {}
-        self.bank: FaissNegativeBank | None = None
-        if bank is not None:
-            wanted = bank.candidates + bank.mined_negatives + bank.skip_top
-            if wanted > len(bank_corpus.texts):
-                mined = f" + mined_negatives={bank.mined_negatives}" if bank.mined_negatives else ""
-                raise ValueError(f"bank.candidates={bank.candidates}{mined} (+ skip_top={bank.skip_top}) is more "
-                                 f"than the corpus holds ({len(bank_corpus.texts)} documents)")
-            self.bank = FaissNegativeBank(bank.backend, bank.device)
-        if max_neg_pos_ratio is not None and max_neg_pos_ratio <= 0:
-            raise ValueError(f"max_neg_pos_ratio must be > 0, got {max_neg_pos_ratio}")
-        self.max_neg_pos_ratio = max_neg_pos_ratio
         self.refresh_log: list[dict[str, float]] = []
-        self._generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ encoders
     @property
     def encoder(self) -> nn.Module:
         """The query encoder: what evaluation and export use."""
         return self.query_encoder
-
-    def replicated_state(self) -> dict[str, Tensor]:
-        """State every process must hold identically: the queue (and the bank's embeddings)."""
-        state = {f"queue.{n}": b for n, b in self.queue.named_buffers()} if self.queue is not None else {}
-        if self.bank is not None and len(self.bank):
-            state["bank.embeddings"] = self.bank.embeddings
-        return state
 
     def _key_net(self) -> nn.Module:
         return self.query_encoder if self.shared else self.key_encoder
@@ -233,10 +203,6 @@ class TextMoCo(nn.Module):
         return seconds
 
     # ------------------------------------------------------------------ step
-    def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
-        self._generator = distributed.step_generator(self._generator, self.seed, step, device)
-        return self._generator
-
     def _lookup(self, table: Tensor, ids: Tensor) -> Tensor:
         """Rows of a per-doc table at doc ids (any shape), -1 where the id is -1."""
         ids = ids.to(table.device)
@@ -287,22 +253,17 @@ class TextMoCo(nn.Module):
         exclude = ids.view(-1, 1) if exclude is None else exclude
         exclude_groups = self._groups_of(exclude)
         q = cache.embed(self.query_encoder, query)
-        if not torch.isfinite(q).all():
-            nan = q.sum() * float("nan")
-            return {"loss": nan, "accuracy": nan.detach()}
+        diverged = self._diverged(q)
+        if diverged is not None:
+            return diverged
         if not self.shared:
-            with torch.no_grad():
-                m = cosine_momentum(self.momentum, step, self.total_steps) \
-                    if self.momentum_schedule == "cosine" and step is not None else self.momentum
-                momentum_update(self.query_encoder, self.key_encoder, m)
+            self._momentum_step(self.query_encoder, self.key_encoder, step)
         k = self._docs(positive, cache)
         sources = self._sources(q, k, ids, exclude, exclude_groups, negatives, cache)
-        mask = self._mask(q, k, sources)
-        generator = self._step_generator(step, ids.device) if step is not None else None
-        with torch.autocast(device_type=ids.device.type, enabled=False):
-            out, loss = self._loss(q, k, sources, mask, epoch, generator)
+        out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=self._groups_of(ids), epoch=epoch,
+                                          step=step, documents_grad=self.shared,
+                                          max_neg_pos_ratio=self.max_neg_pos_ratio)
         loss = cache.attach(loss)
-        self._write_keys(k.detach(), ids)
         monitors = self._monitors(out, k.detach(), ids, sources)
         return {"loss": loss, "accuracy": out.accuracy, "q": q.detach(), "k": k.detach(),
                 "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach(), "monitors": monitors}
@@ -328,9 +289,7 @@ class TextMoCo(nn.Module):
             vecs = self._gather(self._docs(tokens, cache))
             flat = distributed.all_gather_cat(flat.to(device))
             shared("mined", vecs, flat, self._groups_of(flat), self.shared)
-        if self.queue is not None:
-            # A copy: backward needs the keys as they were, after add() overwrote some.
-            shared("queue", self.queue.negatives().clone(), self.queue.ids, self.queue.labels, False)
+        sources += self._queue_source(Query(q.detach(), exclude, exclude_groups))
         if bank_vectors is not None:  # the bank excluded the query's positives; -1 = empty slot
             sources.append(Source("bank", bank_vectors.to(device), bank_ids.to(device),
                                   self._groups_of(bank_ids), False, (bank_ids < 0).to(device)))
@@ -385,57 +344,7 @@ class TextMoCo(nn.Module):
             groups = torch.cat([groups, self._groups_of_tokens(negatives).to(groups.device)])
         return self._gather(keys), distributed.all_gather_cat(key_ids), distributed.all_gather_cat(groups)
 
-    # ------------------------------------------------------------------ loss
-    def _mask(self, q: Tensor, k: Tensor, sources: list[Source]) -> Tensor:
-        """(B, M) false negatives, duplicates across sources, and the positive-aware ceiling."""
-        b = q.shape[0]
-        mask = torch.cat([s.mask for s in sources], dim=1)
-        groups = torch.cat([s.per_query(s.groups.to(mask.device), b) for s in sources], dim=1)
-        entry_ids = torch.cat([s.per_query(s.ids.to(mask.device), b) for s in sources], dim=1)
-        # Entries with no group fall back to their doc id, as -2 - id so that the two never collide.
-        key = torch.where(groups >= 0, groups, torch.where(entry_ids >= 0, -2 - entry_ids, NO_ID))
-        source = torch.cat([torch.full((s.width,), i) for i, s in enumerate(sources)])
-        mask = mask | duplicate_mask(key, source)
-        if self.max_neg_pos_ratio is not None:
-            with torch.no_grad():
-                scores = negative_logits(q, [s.vectors for s in sources])  # (B, M)
-                mask = mask | (scores > self.max_neg_pos_ratio * (q * k).sum(1, keepdim=True))
-        return mask
-
-    def _loss(self, q: Tensor, k: Tensor, sources: list[Source], mask: Tensor, epoch: float,
-              generator: torch.Generator | None) -> tuple[ContrastiveOutput, Tensor]:
-        """The union's InfoNCE; in the balanced shared mode, plus the document term (see the module docstring)."""
-        blocks = [s.vectors for s in sources]
-        mochi = self._step_mochi(mask, epoch)
-        mixing_on = mochi is not None
-        detached = mixing_on or any(not s.grad for s in sources)
-        if not (self.shared and self.gradient == "query_only" and detached):
-            out = contrastive_loss(q, k, blocks, self.temperature, mochi=mochi, epoch=epoch,
-                                   neg_mask=mask, generator=generator)
-            return out, out.loss
-        out = contrastive_loss(q, k.detach(), [v.detach() for v in blocks], self.temperature, mochi=mochi,
-                               epoch=epoch, neg_mask=mask, generator=generator)
-        keep = [i for i, s in enumerate(sources) if s.grad]
-        if not keep:
-            return out, out.loss
-        cols = torch.cat([torch.full((s.width,), s.grad, dtype=torch.bool) for s in sources]).to(mask.device)
-        qd = q.detach()
-        doc_loss = info_nce_from_logits((qd * k).sum(1), negative_logits(qd, [blocks[i] for i in keep], mask[:, cols]),
-                                        self.temperature)
-        return out, out.loss + doc_loss
-
-    def _step_mochi(self, mask: Tensor, epoch: float) -> MoCHiConfig | None:
-        """This step's MoCHi settings: None before the warm-up; the hard pool shrunk to the fewest unmasked
-        negatives of any query (masks and duplicates vary per step); None when under 2 remain."""
-        if self.mochi is None or not self.mochi.active(epoch):
-            return None
-        left = int((~mask).sum(1).min())
-        if left >= self.mochi.n_hard:
-            return self.mochi
-        if left < 2:
-            return None
-        return dataclasses.replace(self.mochi, n_hard=left)
-
+    # ------------------------------------------------------------------ monitors
     @torch.no_grad()
     def _monitors(self, out: ContrastiveOutput, k: Tensor, ids: Tensor, sources: list[Source]) -> dict[str, Tensor]:
         b = k.shape[0]
@@ -449,13 +358,3 @@ class TextMoCo(nn.Module):
         stats["false_neg_family_top16"] = family_share(out.neg_logits, families.to(out.neg_logits.device),
                                                         self._lookup(self.doc_families, ids).to(k.device), 16)
         return stats
-
-    @torch.no_grad()
-    def _write_keys(self, k: Tensor, ids: Tensor) -> None:
-        if self.queue is not None:
-            self.queue.add(k, ids=ids, labels=self._groups_of(ids))
-        if self.bank is not None and self.bank_settings.update_with_keys and len(self.bank):
-            all_k, all_ids = distributed.all_gather_cat(k), distributed.all_gather_cat(ids)
-            known = self.bank.contains(all_ids)
-            if known.any():
-                self.bank.update(all_ids.cpu()[known], all_k.cpu()[known])

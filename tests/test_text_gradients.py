@@ -10,7 +10,7 @@ from torch import nn
 
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
 from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
-from mochi_retrieval.text_negatives import mean_pairwise_cosine
+from mochi_retrieval.monitors import mean_pairwise_cosine
 from test_text_model import ToyTextEncoder
 
 T = 0.05

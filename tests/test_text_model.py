@@ -11,7 +11,7 @@ from torch import nn
 from mochi_retrieval import mixing
 from mochi_retrieval.loss import MoCHiConfig
 from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
-from mochi_retrieval.text_negatives import false_negative_mask
+from mochi_retrieval.negatives import false_negative_mask
 
 import device_checks
 from device_checks import DEVICES

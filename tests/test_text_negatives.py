@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mochi_retrieval.data.text_pairs import family_groups, token_groups
-from mochi_retrieval.text_negatives import duplicate_mask, family_share, mean_pairwise_cosine, source_mass
+from mochi_retrieval.monitors import family_share, mean_pairwise_cosine, source_mass
+from mochi_retrieval.negatives import duplicate_mask
 
 
 def duplicate_mask_loop(keys, source):

@@ -1,0 +1,202 @@
+"""The contrastive core both modality adapters share: one step from a query, its positive and the negative
+sources to the loss, and the state around it (momentum key network, queue, bank, reproducible draws).
+
+:class:`ContrastiveCore` is the base class of :class:`mochi_retrieval.moco.MoCo` (images) and
+:class:`mochi_retrieval.text_model.TextMoCo` (text). An adapter encodes its inputs, builds this step's
+:class:`~mochi_retrieval.negatives.Source` blocks, and calls :meth:`ContrastiveCore.contrastive_step`,
+which
+
+1. masks false negatives (:func:`~mochi_retrieval.negatives.negative_mask`);
+2. computes InfoNCE over the union of the blocks, with MoCHi's synthetic negatives once it is active; under
+   the ``query_only`` gradient rule with a shared encoder, detached blocks (and MoCHi) score the query only
+   and the gradient-carrying blocks alone score the documents;
+3. writes the step's keys into the queue and the bank.
+
+Gradient rule (``gradient``). Negatives that carry no gradient (a queue, a bank's stored vectors, MoCHi's
+synthetic points) take softmax mass from the gradient-carrying documents, so with a shared encoder each
+document is pulled to its query and hardly pushed from the others. ``"query_only"`` splits the loss in two
+terms: the union scores the query (documents detached), the gradient-carrying blocks alone score the
+documents (query detached). ``"joint"`` keeps one softmax over everything. With a momentum key network
+(MoCo) documents get no gradient at all and both rules are the one-softmax loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed
+from .bank import BankSettings, FaissNegativeBank
+from .encoders import cosine_momentum, momentum_update
+from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
+from .negatives import NO_ID, Query, Source, negative_mask
+from .queue import MomentumQueue
+
+Gradient = Literal["query_only", "joint"]
+
+
+class ContrastiveCore(nn.Module):
+    """Settings and state shared by the modality adapters, and the step they run.
+
+    Args:
+        temperature: T of the InfoNCE logits.
+        momentum: EMA coefficient m of the momentum key network.
+        momentum_schedule: "constant", or "cosine" from m towards 1 over ``total_steps`` (BYOL).
+        total_steps: length of the momentum schedule, in forward calls.
+        mochi: MoCHi settings, or None.
+        gradient: "query_only" or "joint" (see the module docstring).
+        seed: seeds the MoCHi draws of step t as (seed, t, rank), so a resumed run repeats them.
+    """
+
+    def __init__(self, *, temperature: float, momentum: float, momentum_schedule: str, total_steps: int | None,
+                 mochi: MoCHiConfig | None, gradient: Gradient, seed: int) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        if momentum_schedule not in ("constant", "cosine") or (momentum_schedule == "cosine" and not total_steps):
+            raise ValueError(f"momentum_schedule must be 'constant' or 'cosine' (with total_steps), "
+                             f"got {momentum_schedule!r}")
+        if gradient not in ("query_only", "joint"):
+            raise ValueError(f"gradient must be 'query_only' or 'joint', got {gradient!r}")
+        self.temperature, self.mochi, self.gradient, self.seed = temperature, mochi, gradient, seed
+        self.momentum, self.momentum_schedule, self.total_steps = momentum, momentum_schedule, total_steps
+        self.queue: MomentumQueue | None = None
+        self.bank: FaissNegativeBank | None = None
+        self.bank_settings: BankSettings | None = None
+        self.replicate_bank = False
+        self._generator: torch.Generator | None = None
+
+    def _init_negatives(self, queue_size: int, dim: int, bank: BankSettings | None, bank_items: int) -> None:
+        """Create the queue (K = ``queue_size``, 0 = none) and the bank over ``bank_items`` items.
+
+        Called by the adapter right after its networks: the queue's random initial keys come from the global
+        generator, after the networks' initial weights.
+        """
+        self.queue = MomentumQueue(queue_size, dim) if queue_size > 0 else None
+        self.bank_settings = bank
+        if bank is not None:
+            wanted = bank.candidates + bank.mined_negatives + bank.skip_top
+            if wanted > bank_items:
+                mined = f" + mined_negatives={bank.mined_negatives}" if bank.mined_negatives else ""
+                raise ValueError(f"bank.candidates={bank.candidates}{mined} (+ skip_top={bank.skip_top}) is more "
+                                 f"than the {self._bank_items_name} holds ({bank_items} {self._bank_item_unit})")
+            self.bank = FaissNegativeBank(bank.backend, bank.device)
+
+    _bank_items_name, _bank_item_unit = "corpus", "documents"
+
+    # ------------------------------------------------------------------ state
+    def momentum_at(self, step: int | None) -> float:
+        """The key network's EMA coefficient at forward call ``step``."""
+        if self.momentum_schedule == "cosine" and step is not None:
+            return cosine_momentum(self.momentum, step, self.total_steps)
+        return self.momentum
+
+    @torch.no_grad()
+    def _momentum_step(self, online: nn.Module, target: nn.Module, step: int | None) -> None:
+        momentum_update(online, target, self.momentum_at(step))
+
+    def _step_generator(self, step: int, device: torch.device) -> torch.Generator:
+        self._generator = distributed.step_generator(self._generator, self.seed, step, device)
+        return self._generator
+
+    def replicated_state(self) -> dict[str, Tensor]:
+        """State every process must hold identically: the queue (and, for text, the bank's embeddings)."""
+        state = {f"queue.{n}": b for n, b in self.queue.named_buffers()} if self.queue is not None else {}
+        if self.replicate_bank and self.bank is not None and len(self.bank):
+            state["bank.embeddings"] = self.bank.embeddings
+        return state
+
+    @staticmethod
+    def _diverged(q: Tensor) -> dict[str, Tensor] | None:
+        """A NaN loss (the trainer stops on it) when the queries are not finite, rather than failing later
+        inside the hard-pool selection; None when they are."""
+        if torch.isfinite(q).all():
+            return None
+        nan = q.sum() * float("nan")
+        return {"loss": nan, "accuracy": nan.detach()}
+
+    def _queue_source(self, query: Query) -> list[Source]:
+        return [self.queue.source(query)] if self.queue is not None else []
+
+    # ------------------------------------------------------------------ step
+    def contrastive_step(self, q: Tensor, k: Tensor, sources: Sequence[Source], *, ids: Tensor | None,
+                         groups: Tensor | None, epoch: float, step: int | None, documents_grad: bool = False,
+                         dedupe: bool = True, max_neg_pos_ratio: float | None = None) -> tuple[ContrastiveOutput,
+                                                                                              Tensor]:
+        """Mask, loss, key writes: returns the output (logits, plan) and the loss to back-propagate.
+
+        The blocks must be built before this call: the key writes overwrite queue and bank entries.
+
+        Args:
+            q: (B, D) unit queries (with gradient); k: (B, D) unit positives (with gradient when
+                ``documents_grad``).
+            sources: this step's blocks, in order.
+            ids, groups: (B,) id and group of each positive, written with the keys.
+            epoch: fractional epoch, for the MoCHi warm-up; step: forward-call index (reproducible draws).
+            documents_grad: whether documents share the query encoder (and get gradient).
+            dedupe, max_neg_pos_ratio: see :func:`~mochi_retrieval.negatives.negative_mask`.
+        """
+        mask = negative_mask(q, k, sources, dedupe=dedupe, max_neg_pos_ratio=max_neg_pos_ratio)
+        generator = self._step_generator(step, q.device) if step is not None else None
+        # The contrastive head runs in float32 even under autocast.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out, loss = self._loss(q, k, sources, mask, epoch, generator, documents_grad)
+        self.write_keys(k.detach(), ids, groups)
+        return out, loss
+
+    def _loss(self, q: Tensor, k: Tensor, sources: Sequence[Source], mask: Tensor, epoch: float,
+              generator: torch.Generator | None, documents_grad: bool) -> tuple[ContrastiveOutput, Tensor]:
+        """The union's InfoNCE; under the query-only rule with gradient-carrying documents, plus the document
+        term (see the module docstring)."""
+        blocks = [s.vectors for s in sources]
+        mochi = self._step_mochi(mask, epoch)
+        detached = mochi is not None or any(not s.grad for s in sources)
+        if not (documents_grad and self.gradient == "query_only" and detached):
+            out = contrastive_loss(q, k, blocks, self.temperature, mochi=mochi, epoch=epoch,
+                                   neg_mask=mask, generator=generator)
+            return out, out.loss
+        out = contrastive_loss(q, k.detach(), [v.detach() for v in blocks], self.temperature, mochi=mochi,
+                               epoch=epoch, neg_mask=mask, generator=generator)
+        keep = [i for i, s in enumerate(sources) if s.grad]
+        if not keep:
+            return out, out.loss
+        cols = torch.cat([torch.full((s.width,), s.grad, dtype=torch.bool) for s in sources]).to(mask.device)
+        qd = q.detach()
+        doc_loss = info_nce_from_logits((qd * k).sum(1), negative_logits(qd, [blocks[i] for i in keep], mask[:, cols]),
+                                        self.temperature)
+        return out, out.loss + doc_loss
+
+    def _step_mochi(self, mask: Tensor, epoch: float) -> MoCHiConfig | None:
+        """This step's MoCHi settings: None before the warm-up; the hard pool shrunk to the fewest unmasked
+        negatives of any query (masks and duplicates vary per step); None when under 2 remain."""
+        if self.mochi is None or not self.mochi.active(epoch):
+            return None
+        left = int((~mask).sum(1).min())
+        if left >= self.mochi.n_hard:
+            return self.mochi
+        if left < 2:
+            return None
+        return dataclasses.replace(self.mochi, n_hard=left)
+
+    @torch.no_grad()
+    def write_keys(self, k: Tensor, ids: Tensor | None, groups: Tensor | None) -> None:
+        """Enqueue the step's keys (B, D) and write them into the bank rows of their ids (every process's)."""
+        if self.queue is not None:
+            self.queue.add(k, ids=ids, labels=groups)
+        if self.bank is not None and self.bank_settings.update_with_keys and len(self.bank):
+            all_k, all_ids = distributed.all_gather_cat(k), distributed.all_gather_cat(ids)
+            known = self.bank.contains(all_ids)
+            if known.any():
+                self.bank.add(all_k.cpu()[known], ids=all_ids.cpu()[known])
+
+
+def no_ids(batch: int, device: torch.device) -> Tensor:
+    """(B, 1) of -1: nothing to exclude."""
+    return torch.full((batch, 1), NO_ID, dtype=torch.long, device=device)
+
+
+__all__ = ["ContrastiveCore", "Gradient", "no_ids"]
