@@ -26,7 +26,7 @@ from mochi_retrieval.config import load_config
 from mochi_retrieval.data.fashion_mnist import load_fashion_mnist
 from mochi_retrieval.eval.knn import knn_top1
 from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS
-from mochi_retrieval.experiment import build_data, build_model
+from mochi_retrieval.training import build_data, build_model
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 

@@ -113,8 +113,8 @@ def make_image_folder(root: Path, files: int, px: int, classes: int = 2) -> Path
 
 
 def _image_model(cfg, steps_per_epoch: int, device: torch.device):
-    from mochi_retrieval.experiment import build_model, settings_from
-    from mochi_retrieval.trainer import make_optimizer, param_groups
+    from mochi_retrieval.training import build_model, settings_from
+    from mochi_retrieval.training import make_optimizer, param_groups
 
     model = build_model(cfg, steps_per_epoch, world=1).to(device=device, memory_format=torch.channels_last)
     model.train()
@@ -144,7 +144,7 @@ def time_image_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obj
     import time
 
     from mochi_retrieval.config import load_config
-    from mochi_retrieval.experiment import build_data
+    from mochi_retrieval.training import build_data
 
     if s.image_files != 2 * s.image_batch:
         raise ValueError(f"image_files={s.image_files} should be two batches of {s.image_batch}")
@@ -231,9 +231,9 @@ def time_text_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obje
     import time
 
     from mochi_retrieval.config import load_config
-    from mochi_retrieval.experiment import settings_from
-    from mochi_retrieval.text_experiment import build_encoder, build_text_data, build_text_model
-    from mochi_retrieval.trainer import make_optimizer, param_groups
+    from mochi_retrieval.training import settings_from
+    from mochi_retrieval.training import build_encoder, build_text_data, build_text_model
+    from mochi_retrieval.training import make_optimizer, param_groups
 
     path, described = _text_model_path(s, tmp)
     pairs = synthetic_pairs(s.text_pairs)

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from common import append_results, markdown_table
 
-from mochi_retrieval import train
+from mochi_retrieval import training
 from mochi_retrieval.config import load_config
-from mochi_retrieval.text_experiment import TextEvaluator, build_encoder, load_pairs, resolve_model_path
+from mochi_retrieval.training import TextEvaluator, build_encoder, load_pairs, resolve_model_path
 
 CONFIG = Path(__file__).parents[1] / "configs" / "debian_minilm.yaml"
 IN_BATCH = ["moco.queue_size=0", "bank.enabled=false", "mochi.enabled=false"]
@@ -147,7 +147,7 @@ def zero_shot(cfg) -> dict[str, float]:
 
 
 def run_ours(cfg) -> dict[str, float]:
-    results = train.run(cfg)
+    results = training.run(cfg)
     seconds, refresh = results["train_seconds"], results.get("bank_refresh_seconds", 0.0)
     pairs = results["steps"] * cfg.train.batch_size
     last = {}

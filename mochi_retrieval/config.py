@@ -353,7 +353,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = (), cls: typ
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write ``cfg`` as complete YAML, atomically (temp file in the same folder, then rename)."""
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     text = yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -26,8 +26,9 @@ import torch
 
 from conftest import make_tiny_fmnist
 from test_train import CONFIG, losses, tiny_overrides
-from mochi_retrieval import checkpoint, train
-from mochi_retrieval.trainer import EXIT_INTERRUPTED, Trainer
+from mochi_retrieval import train
+from mochi_retrieval.training import checkpoints as checkpoint
+from mochi_retrieval.training.loop import EXIT_INTERRUPTED, Trainer
 
 # 2 epochs of 6 steps, a checkpoint every 2 steps (checkpoint settings are not part of the fingerprint).
 RUN = {"eval.linear_probe": "false", "train.epochs": 2, "train.checkpoint_every_steps": 2}
@@ -272,7 +273,7 @@ def test_sigterm_to_accelerate_launch_checkpoints_and_stops_both_processes(data,
     script.write_text(
         "import pathlib, sys, time\n"
         "from mochi_retrieval import train\n"
-        "from mochi_retrieval.trainer import Trainer\n"
+        "from mochi_retrieval.training.loop import Trainer\n"
         "original = Trainer._maybe_log\n"
         "def hooked(self, *a, **k):\n"
         "    if self.global_step == 3 and self.acc.is_main_process:\n"

@@ -131,7 +131,7 @@ def test_pairs_file_and_gpu_bank_request_without_gpu_falls_back_to_cpu(tiny_text
 
 
 def test_package_model_paths_resolve_or_name_the_install():
-    from mochi_retrieval.text_experiment import resolve_model_path
+    from mochi_retrieval.training import resolve_model_path
 
     assert resolve_model_path("/some/folder") == "/some/folder"
     with pytest.raises(ValueError, match="pip install no-such-package-xyz"):

@@ -245,7 +245,7 @@ def test_image_bank_unit_candidates_and_updates():
 
 
 def test_param_groups_exclude_1d_from_weight_decay_on_request():
-    from mochi_retrieval.trainer import TrainerSettings, make_optimizer, param_groups
+    from mochi_retrieval.training import TrainerSettings, make_optimizer, param_groups
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     assert len(param_groups(model, TrainerSettings())) == 1
@@ -263,7 +263,7 @@ def test_gradient_clipping_caps_the_update(tiny_fmnist_dir, tmp_path):
         "eval.linear_probe": "false"})])
     assert code == 0
     from mochi_retrieval.config import load_config
-    from mochi_retrieval.experiment import build_model
+    from mochi_retrieval.training import build_model
 
     cfg = load_config(CONFIG, tiny_overrides(tiny_fmnist_dir, out))
     torch.manual_seed(cfg.seed)

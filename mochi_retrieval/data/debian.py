@@ -59,7 +59,7 @@ from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
-from mochi_retrieval.checkpoint import atomic_write
+from mochi_retrieval.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .checkpoint import CheckpointDir, CheckpointError
-from .distributed import any_process, is_collective_failure, rank, replicas_agree
+from . import checkpoints
+from .checkpoints import CheckpointDir, CheckpointError
+from ..distributed import any_process, is_collective_failure, rank, replicas_agree
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": self.epoch, "micro_step": self.micro_step, "global_step": self.global_step,
-            "rng": checkpoint.rng_state(),
+            "rng": checkpoints.rng_state(),
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "history": json.dumps(self.history),
         }
@@ -260,7 +260,7 @@ class Trainer:
         errors: list[CheckpointError] = []
         for path in candidates:
             try:
-                state = checkpoint.load(path, map_location="cpu", required=CHECKPOINT_KEYS)
+                state = checkpoints.load(path, map_location="cpu", required=CHECKPOINT_KEYS)
             except CheckpointError as err:
                 errors.append(err)
                 logger.warning("%s; trying the previous checkpoint", err)
@@ -285,7 +285,7 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         self.epoch, self.micro_step, self.global_step = state["epoch"], state["micro_step"], state["global_step"]
         self.history = json.loads(state.get("history", "[]"))
-        checkpoint.set_rng_state(state["rng"])
+        checkpoints.set_rng_state(state["rng"])
         self._saved_step = self.global_step
         logger.info("resumed from %s at step %d (epoch %d)", path, self.global_step, self.epoch)
 
@@ -317,7 +317,7 @@ class Trainer:
             else:
                 dropped += 1
         if dropped or torn:
-            checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+            checkpoints.atomic_write(path, lambda f: f.write("".join(kept).encode()))
             logger.info("%s: dropped %d records logged after step %d and %d torn lines", path, dropped,
                         self.global_step, torn)
 

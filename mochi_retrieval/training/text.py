@@ -1,4 +1,4 @@
-"""Builders that turn an :class:`ExperimentConfig` into the objects of a text retrieval run.
+"""The text recipe: the objects of a text retrieval run, built from an :class:`ExperimentConfig`.
 
 Text runs read a BEIR folder or a pairs file (``data.dataset: text_pairs``) or
 the Debian descriptions corpus (``data.dataset: debian``, built into
@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
-from .config import ExperimentConfig
-from .data.images import Sharding
-from .data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
-from .encoders import create_encoder
-from .loss import MoCHiConfig
-from .text_model import BankCorpus, BankSettings, TextMoCo
+from ..config import ExperimentConfig
+from ..data.images import Sharding
+from ..data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
+from ..encoders import create_encoder
+from ..loss import MoCHiConfig
+from ..text_model import BankCorpus, BankSettings, TextMoCo
+from .loop import Trainer
+from .recipe import Recipe, local_batch
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def ensure_debian_corpus(root: Path) -> None:
     """Build the Debian descriptions BEIR folder at ``root`` unless it is there."""
     if (root / "corpus.jsonl").is_file():
         return
-    from .data import debian
+    from ..data import debian
 
     logger.info("building the Debian descriptions corpus into %s", root)
     code = debian.main([str(root)])
@@ -87,10 +89,8 @@ def ensure_debian_corpus(root: Path) -> None:
 
 
 def build_text_data(cfg: ExperimentConfig, accelerator, pairs: TextPairs, encoder) -> TextPairBatches:
-    t, d = cfg.train, cfg.data
-    if t.batch_size % t.grad_accum_steps:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
-    sharding = Sharding(t.batch_size // t.grad_accum_steps, accelerator.num_processes, accelerator.process_index)
+    d = cfg.data
+    sharding = Sharding(local_batch(cfg), accelerator.num_processes, accelerator.process_index)
     return TextPairBatches(pairs, encoder.tokenize, sharding, cfg.seed, d.query_prefix, d.document_prefix,
                            accelerator.device)
 
@@ -126,9 +126,9 @@ class TextEvaluator:
         self.cfg, self.device = cfg, device
 
     def evaluator(self):
-        from .data.beir import load_beir
-        from .eval.retrieval import RetrievalEvaluator
-        from .metrics import Qrels
+        from ..data.beir import load_beir
+        from ..eval.retrieval import RetrievalEvaluator
+        from ..metrics import Qrels
 
         e, d = self.cfg.eval, self.cfg.data
         data = load_beir(d.root, e.split)
@@ -162,9 +162,9 @@ class TextEvaluator:
     def score(self, encode) -> dict[str, float]:
         """The evaluator's metrics plus ``doc_mean_cosine``: the mean cosine between the split's documents
         (how spread out the document embeddings are; it rises when documents collapse together)."""
-        from .encoders import encode_in_batches
-        from .search import l2_normalize
-        from .monitors import mean_pairwise_cosine
+        from ..encoders import encode_in_batches
+        from ..monitors import mean_pairwise_cosine
+        from ..search import l2_normalize
 
         ev = self.evaluator()
         q = encode_in_batches(encode, ev.queries, ev.batch_size, "queries", ev.show_progress)
@@ -177,10 +177,40 @@ class TextEvaluator:
 
 def export_text_model(cfg: ExperimentConfig, encoder, out: Path, metrics: dict[str, Any]) -> Path:
     """Write ``out/model`` (sentence-transformers layout, loadable by our eval too) with a model card."""
-    from .export import export_sentence_transformers, write_model_card
+    from ..export import export_sentence_transformers, write_model_card
 
     d = cfg.data
     path = export_sentence_transformers(encoder, out / "model", query_prefix=d.query_prefix or None,
                                         document_prefix=d.document_prefix or None, overwrite=True)
     write_model_card(path, metrics, config_name=cfg.name, base_model=cfg.model.encoder_kwargs.get("model_path"))
     return path
+
+
+def train_stats(cfg: ExperimentConfig, model: TextMoCo, trainer: Trainer, seconds: float) -> dict[str, float]:
+    """Training throughput and the bank's refresh cost."""
+    refresh = sum(r["seconds"] for r in getattr(model, "refresh_log", []))
+    pairs = trainer.global_step * cfg.train.batch_size
+    stats = {"train_pairs_per_s": pairs / seconds if seconds > 0 else 0.0, "train_seconds": seconds}
+    if cfg.bank.enabled:
+        stats.update(bank_refreshes=len(model.refresh_log), bank_refresh_seconds=refresh)
+    return stats
+
+
+class TextRecipe(Recipe):
+    """Text: pairs (:func:`load_pairs`), the encoder, batches and a :class:`TextMoCo`; at the end retrieval
+    metrics on ``eval.split`` (:class:`TextEvaluator`), training stats, and ``OUTPUT_DIR/model/``."""
+
+    def build(self, accelerator) -> tuple[TextPairBatches, TextMoCo]:
+        cfg = self.cfg
+        pairs = load_pairs(cfg)
+        encoder = build_encoder(cfg)
+        data = build_text_data(cfg, accelerator, pairs, encoder)
+        model = build_text_model(cfg, pairs, encoder, data.steps_per_epoch)
+        self.evaluator = TextEvaluator(cfg, accelerator.device)
+        return data, model
+
+    def finish(self, model: TextMoCo, trainer: Trainer, train_seconds: float, out: Path) -> dict[str, float]:
+        results = self.evaluator.final(model.encoder)
+        results.update(train_stats(self.cfg, model, trainer, train_seconds))
+        export_text_model(self.cfg, model.encoder, out, results)
+        return results

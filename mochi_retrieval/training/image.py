@@ -1,58 +1,38 @@
-"""Builders that turn an :class:`ExperimentConfig` into library objects (image MoCo runs)."""
+"""The image recipe: two augmented views per image, a :class:`~mochi_retrieval.moco.MoCo` model, kNN and
+linear-probe evaluation on the test split, and ``encoder.pt`` as the export."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .config import ExperimentConfig
-from .data.augment import BatchAugment
-from .data.fashion_mnist import FASHION_MNIST_STATS
-from .data.images import FolderViews, InMemoryViews, Sharding, read_class_list
-from .diagnostics import step_diagnostics
-from .encoders import create_encoder
-from .bank import BankSettings
-from .loss import MoCHiConfig
-from .moco import MoCo
-from .trainer import TrainerSettings
+from ..bank import BankSettings
+from ..config import ExperimentConfig
+from ..data.augment import BatchAugment
+from ..data.fashion_mnist import FASHION_MNIST_STATS
+from ..data.images import FolderViews, InMemoryViews, Sharding, read_class_list
+from ..diagnostics import step_diagnostics
+from ..encoders import create_encoder
+from ..loss import MoCHiConfig
+from ..moco import MoCo
+from .loop import Trainer
+from .recipe import Recipe, local_batch
 
 logger = logging.getLogger(__name__)
 
 
 
-def settings_from(cfg: ExperimentConfig) -> TrainerSettings:
-    t = cfg.train
-    return TrainerSettings(
-        epochs=t.epochs, max_steps=t.max_steps, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-        weight_decay=t.weight_decay, warmup_epochs=t.warmup_epochs, schedule=t.schedule,
-        grad_accum_steps=t.grad_accum_steps, log_every=t.log_every, diagnostics_every=t.diagnostics_every,
-        checkpoint_every_epochs=t.checkpoint_every_epochs, checkpoint_every_steps=t.checkpoint_every_steps,
-        checkpoint_every_minutes=t.checkpoint_every_minutes, keep_checkpoints=t.keep_checkpoints,
-        resume=t.resume, seed=cfg.seed,
-        max_grad_norm=t.max_grad_norm, weight_decay_1d=t.weight_decay_1d)
-
-
-def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: model, data and method settings."""
-    data = asdict(cfg.data)
-    data.pop("skip_corrupt_images")  # turned on to get past a bad file, a run must still resume
-    return {"model": asdict(cfg.model), "data": data, "moco": asdict(cfg.moco),
-            "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
-
-
 def build_data(cfg: ExperimentConfig, accelerator):
     """The training batches of two views, sharded for this process."""
     t, d = cfg.train, cfg.data
-    sharding = Sharding(t.batch_size // t.grad_accum_steps, accelerator.num_processes, accelerator.process_index)
-    if t.batch_size % t.grad_accum_steps:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+    sharding = Sharding(local_batch(cfg), accelerator.num_processes, accelerator.process_index)
     if t.batch_size > cfg.moco.queue_size:
         raise ValueError(f"train.batch_size={t.batch_size} does not fit the queue (moco.queue_size={cfg.moco.queue_size})")
     if d.dataset == "fashion_mnist":
-        from .data.fashion_mnist import load_fashion_mnist
+        from ..data.fashion_mnist import load_fashion_mnist
 
         images, labels = load_fashion_mnist(d.root, "train")
         images, labels = images[: d.limit].unsqueeze(1), labels[: d.limit]
@@ -108,7 +88,7 @@ class Evaluator:
         self.cfg, self.device = cfg, device
 
     def _features(self, encoder: nn.Module, limit: int | None):
-        from .eval.features import extract_features, load_classification_data
+        from ..eval.features import extract_features, load_classification_data
 
         # Fashion-MNIST idx folder, or an ImageFolder root with train/ and val/.
         d = self.cfg.data
@@ -123,7 +103,7 @@ class Evaluator:
         return feats
 
     def _knn(self, feats) -> float:
-        from .eval.knn import knn_top1
+        from ..eval.knn import knn_top1
 
         e = self.cfg.eval
         return knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels, e.knn_k, e.knn_temperature,
@@ -138,11 +118,31 @@ class Evaluator:
         feats = self._features(encoder, self.cfg.eval.limit)
         results = {"knn_top1": self._knn(feats)}
         if self.cfg.eval.linear_probe:
-            from .eval.linear_probe import linear_probe_top1
+            from ..eval.linear_probe import linear_probe_top1
 
             results["linear_top1"] = linear_probe_top1(feats, device=self.device)
         return results
 
 
-def make_evaluator(cfg: ExperimentConfig, device: torch.device) -> Evaluator:
-    return Evaluator(cfg, device)
+class ImageRecipe(Recipe):
+    """Images: :func:`build_data`, :func:`build_model`, the kNN monitor after each epoch, and at the end
+    ``encoder.pt`` then the kNN and linear-probe evaluation (:class:`Evaluator`)."""
+
+    def build(self, accelerator) -> tuple[InMemoryViews | FolderViews, MoCo]:
+        cfg = self.cfg
+        data = build_data(cfg, accelerator)
+        model = build_model(cfg, data.steps_per_epoch, accelerator.num_processes,
+                            item_labels(data) if cfg.bank.enabled else None)
+        self.evaluator = Evaluator(cfg, accelerator.device)
+        return data, model
+
+    def step_hook(self) -> Callable[..., dict[str, float]]:
+        return make_step_hook(self.cfg)
+
+    def epoch_hook(self, model: MoCo) -> Callable[[int], dict[str, float]]:
+        return lambda epoch: self.evaluator.knn_monitor(model.encoder, epoch)
+
+    def finish(self, model: MoCo, trainer: Trainer, train_seconds: float, out: Path) -> dict[str, float]:
+        encoder = model.encoder
+        torch.save({"encoder": encoder.state_dict()}, out / "encoder.pt")
+        return self.evaluator.final(encoder)

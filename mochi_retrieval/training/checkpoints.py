@@ -12,12 +12,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -27,26 +28,6 @@ _STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be read (truncated, not a checkpoint) or written (disk full)."""
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file in the same folder, then rename it over ``path``.
-
-    A crash mid-write leaves the previous file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
