@@ -39,6 +39,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor
 
+from .errors import require
 from .optional import import_faiss
 from .search import FAISS_GPU_MAX_K, faiss_num_gpus, l2_normalize, search
 
@@ -84,11 +85,17 @@ class BankSettings:
     max_pos_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if self.candidates < 0 or self.mined_negatives < 0 or self.candidates + self.mined_negatives < 1 \
-                or self.refresh_every < 0 or self.skip_top < 0 or self.encode_batch_size < 1:
-            raise ValueError(f"invalid bank settings {self}")
-        if self.max_pos_ratio is not None and self.max_pos_ratio <= 0:
-            raise ValueError(f"bank max_pos_ratio must be > 0, got {self.max_pos_ratio}")
+        require(self.candidates >= 0, "candidates", ">= 0", self.candidates)
+        require(self.mined_negatives >= 0, "mined_negatives", ">= 0", self.mined_negatives)
+        require(self.max_pos_ratio is None or self.max_pos_ratio > 0, "max_pos_ratio", "> 0 or null",
+                self.max_pos_ratio)
+        require(self.candidates + self.mined_negatives >= 1, "candidates",
+                ">= 1 unless mined_negatives > 0", self.candidates)
+        require(self.refresh_every >= 0, "refresh_every", ">= 0", self.refresh_every)
+        require(self.skip_top >= 0, "skip_top", ">= 0", self.skip_top)
+        require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
+        require(self.max_similarity is None or -1.0 <= self.max_similarity <= 1.0, "max_similarity",
+                "in [-1, 1] or null", self.max_similarity)
 
 
 class FaissNegativeBank:

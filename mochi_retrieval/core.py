@@ -22,6 +22,7 @@ documents (query detached). ``"joint"`` keeps one softmax over everything. With 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from . import distributed
 from .bank import BankSettings, FaissNegativeBank
 from .encoders import cosine_momentum, momentum_update
+from .errors import require
 from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
 from .negatives import NO_ID, Query, Source, negative_mask
 from .queue import MomentumQueue
@@ -37,33 +39,59 @@ from .queue import MomentumQueue
 Gradient = Literal["query_only", "joint"]
 
 
+@dataclass
+class MoCoConfig:
+    """The contrastive core's settings: queue, momentum key network, temperature, negatives (the ``moco``
+    section of a training config). Each value is checked here, once."""
+
+    queue_size: int = 65536
+    """Number of keys K in the negative queue (0 = no queue, text runs only)."""
+    momentum: float = 0.999
+    """EMA momentum m of the key encoder (final value under the cosine schedule)."""
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
+    """Keep m fixed, or raise it from ``momentum`` towards 1 on a cosine."""
+    temperature: float = 0.2
+    """Softmax temperature T of the InfoNCE logits."""
+    mask_same_label: bool = False
+    """Mask queue entries that share the query's label (false negatives), when labels exist."""
+    in_batch_negatives: bool = True
+    """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
+    max_neg_pos_ratio: float | None = None
+    """Text: mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives)."""
+    gradient: Gradient = "query_only"
+    """Text, shared encoder: detached negatives (queue, bank vectors, MoCHi) score the query only and the
+    documents get the in-batch (and mined) term's gradient ("query_only"), or one softmax over all ("joint")."""
+
+    def __post_init__(self) -> None:
+        require(self.max_neg_pos_ratio is None or self.max_neg_pos_ratio > 0, "max_neg_pos_ratio", "> 0 or null",
+                self.max_neg_pos_ratio)
+        require(self.queue_size >= 0, "queue_size", ">= 0 (0 = no queue, text runs only)", self.queue_size)
+        require(0.0 <= self.momentum <= 1.0, "momentum", "in [0, 1]", self.momentum)
+        require(self.momentum_schedule in ("constant", "cosine"), "momentum_schedule", "'constant' or 'cosine'",
+                self.momentum_schedule)
+        require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        require(self.gradient in ("query_only", "joint"), "gradient", "'query_only' or 'joint'", self.gradient)
+
+
 class ContrastiveCore(nn.Module):
     """Settings and state shared by the modality adapters, and the step they run.
 
     Args:
-        temperature: T of the InfoNCE logits.
-        momentum: EMA coefficient m of the momentum key network.
-        momentum_schedule: "constant", or "cosine" from m towards 1 over ``total_steps`` (BYOL).
+        settings: queue size, momentum m and its schedule ("cosine": from m towards 1 over ``total_steps``,
+            BYOL), temperature T, negatives and the gradient rule (see the module docstring).
         total_steps: length of the momentum schedule, in forward calls.
         mochi: MoCHi settings, or None.
-        gradient: "query_only" or "joint" (see the module docstring).
         seed: seeds the MoCHi draws of step t as (seed, t, rank), so a resumed run repeats them.
     """
 
-    def __init__(self, *, temperature: float, momentum: float, momentum_schedule: str, total_steps: int | None,
-                 mochi: MoCHiConfig | None, gradient: Gradient, seed: int) -> None:
+    def __init__(self, settings: MoCoConfig, *, total_steps: int | None, mochi: MoCHiConfig | None,
+                 seed: int) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        if momentum_schedule not in ("constant", "cosine") or (momentum_schedule == "cosine" and not total_steps):
-            raise ValueError(f"momentum_schedule must be 'constant' or 'cosine' (with total_steps), "
-                             f"got {momentum_schedule!r}")
-        if gradient not in ("query_only", "joint"):
-            raise ValueError(f"gradient must be 'query_only' or 'joint', got {gradient!r}")
-        self.temperature, self.mochi, self.gradient, self.seed = temperature, mochi, gradient, seed
-        self.momentum, self.momentum_schedule, self.total_steps = momentum, momentum_schedule, total_steps
+        if settings.momentum_schedule == "cosine" and not total_steps:
+            raise ValueError("momentum_schedule='cosine' needs total_steps")
+        self.settings, self.mochi, self.seed, self.total_steps = settings, mochi, seed, total_steps
+        self.temperature, self.gradient = settings.temperature, settings.gradient
+        self.momentum, self.momentum_schedule = settings.momentum, settings.momentum_schedule
         self.queue: MomentumQueue | None = None
         self.bank: FaissNegativeBank | None = None
         self.bank_settings: BankSettings | None = None
@@ -199,4 +227,4 @@ def no_ids(batch: int, device: torch.device) -> Tensor:
     return torch.full((batch, 1), NO_ID, dtype=torch.long, device=device)
 
 
-__all__ = ["ContrastiveCore", "Gradient", "no_ids"]
+__all__ = ["ContrastiveCore", "Gradient", "MoCoConfig", "no_ids"]

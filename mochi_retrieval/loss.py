@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import mixing
+from .errors import require
 from .mixing import MixingPlan, Negatives
 
 
@@ -44,14 +45,13 @@ class MoCHiConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_hard", "n_mix", "n_query_mix"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_mix > 0 and self.n_hard < 2:
-            raise ValueError(f"n_hard={self.n_hard}: n_mix > 0 needs n_hard >= 2")
-        if not 0 < self.beta_max < 1:
-            raise ValueError(f"beta_max must lie in (0, 1), got {self.beta_max}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(self.n_mix == 0 or self.n_hard >= 2, "n_hard", f">= 2 when n_mix > 0 (n_mix={self.n_mix})",
+                self.n_hard)
+        require(self.n_query_mix == 0 or self.n_hard >= 1, "n_hard",
+                f">= 1 when n_query_mix > 0 (n_query_mix={self.n_query_mix})", self.n_hard)
+        require(0.0 < self.beta_max < 1.0, "beta_max", "in (0, 1)", self.beta_max)
+        require(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
 
     def active(self, epoch: float) -> bool:
         """Whether mixing is on at this (fractional) epoch."""
@@ -166,12 +166,11 @@ def contrastive_loss(
 
 
 class MoCHiLoss(nn.Module):
-    """Module shell over :func:`contrastive_loss`; holds T and the MoCHi settings only."""
+    """Module shell over :func:`contrastive_loss`; holds T and the MoCHi settings only (T is checked by
+    :func:`info_nce_from_logits`, the function that uses it)."""
 
     def __init__(self, temperature: float = 0.2, mochi: MoCHiConfig | None = None) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.mochi = mochi
 

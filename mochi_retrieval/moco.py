@@ -16,7 +16,7 @@ from torch import nn
 
 from . import distributed
 from .bank import BankSettings
-from .core import ContrastiveCore, no_ids
+from .core import ContrastiveCore, MoCoConfig, no_ids
 from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
 from .loss import MoCHiConfig
 from .negatives import Query, Source
@@ -75,8 +75,9 @@ class MoCo(ContrastiveCore):
             raise ValueError("bank: needs bank_labels, the (N,) class of every training item (it sizes the bank)")
         if mochi is not None and mochi.n_hard > queue_size:
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
-        super().__init__(temperature=temperature, momentum=momentum, momentum_schedule=momentum_schedule,
-                         total_steps=total_steps, mochi=mochi, gradient="joint", seed=seed)
+        settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
+                              temperature=temperature, mask_same_label=mask_same_label, gradient="joint")
+        super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
         self.key_net = make_momentum_copy(self.query_net)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import BankSettings
-from .core import ContrastiveCore, Gradient
+from .core import ContrastiveCore, Gradient, MoCoConfig
 from .encoders import encode_in_batches, encoder_output_dim, make_momentum_copy
 from .grad_cache import GradCache
 from .loss import ContrastiveOutput, MoCHiConfig
@@ -125,10 +125,10 @@ class TextMoCo(ContrastiveCore):
             raise ValueError("a bank needs bank_corpus (the documents it indexes)")
         if grad_cache_chunk is not None and grad_cache_chunk < 1:
             raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
-        if max_neg_pos_ratio is not None and max_neg_pos_ratio <= 0:
-            raise ValueError(f"max_neg_pos_ratio must be > 0, got {max_neg_pos_ratio}")
-        super().__init__(temperature=temperature, momentum=momentum, momentum_schedule=momentum_schedule,
-                         total_steps=total_steps, mochi=mochi, gradient=gradient, seed=seed)
+        settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
+                              temperature=temperature, in_batch_negatives=in_batch_negatives,
+                              max_neg_pos_ratio=max_neg_pos_ratio, gradient=gradient)
+        super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
         dim = encoder_output_dim(encoder)
         self.query_encoder = encoder
         self.key_encoder = make_momentum_copy(encoder) if key_encoder == "momentum" else None

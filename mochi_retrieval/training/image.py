@@ -9,14 +9,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..bank import BankSettings
 from ..config import ExperimentConfig
 from ..data.augment import BatchAugment
 from ..data.fashion_mnist import FASHION_MNIST_STATS
 from ..data.images import FolderViews, InMemoryViews, Sharding, read_class_list
 from ..diagnostics import step_diagnostics
 from ..encoders import create_encoder
-from ..loss import MoCHiConfig
 from ..moco import MoCo
 from .loop import Trainer
 from .recipe import Recipe, local_batch
@@ -57,16 +55,14 @@ def item_labels(data) -> torch.Tensor:
 def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int,
                 bank_labels: torch.Tensor | None = None) -> MoCo:
     """The MoCo model; ``bank_labels`` (N,) sizes the optional bank (see :func:`item_labels`)."""
-    m, mc, b = cfg.model, cfg.mochi, cfg.bank
+    m = cfg.model
     encoder = create_encoder(m.encoder, **m.encoder_kwargs)
-    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs) if mc.enabled else None
     model = MoCo(
         encoder, head_hidden_dim=m.head_hidden_dim, head_out_dim=m.head_out_dim, head_layers=m.head_layers,
         queue_size=cfg.moco.queue_size, momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
-        mochi=mochi, mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
+        mochi=cfg.mochi.settings(), mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
         momentum_schedule=cfg.moco.momentum_schedule, total_steps=cfg.train.epochs * batches_per_epoch,
-        seed=cfg.seed, bank_labels=bank_labels,
-        bank=BankSettings(b.candidates, 0, True, b.skip_top, b.max_similarity, b.backend, b.device) if b.enabled else None)
+        seed=cfg.seed, bank_labels=bank_labels, bank=cfg.bank.settings())
     if m.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

@@ -18,8 +18,7 @@ from ..config import ExperimentConfig
 from ..data.images import Sharding
 from ..data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
 from ..encoders import create_encoder
-from ..loss import MoCHiConfig
-from ..text_model import BankCorpus, BankSettings, TextMoCo
+from ..text_model import BankCorpus, TextMoCo
 from .loop import Trainer
 from .recipe import Recipe, local_batch
 
@@ -96,15 +95,9 @@ def build_text_data(cfg: ExperimentConfig, accelerator, pairs: TextPairs, encode
 
 
 def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_per_epoch: int) -> TextMoCo:
-    mc, b = cfg.mochi, cfg.bank
-    mochi = MoCHiConfig(mc.n_hard, mc.n_mix, mc.n_query_mix, mc.beta_max, mc.warmup_epochs,
-                        mc.cap_at_positive) if mc.enabled else None
     docs = pairs.doc_space()
-    bank = corpus = None
-    if b.enabled:
-        bank = BankSettings(b.candidates, b.refresh_every, b.update_with_keys, b.skip_top, b.max_similarity,
-                            b.backend, b.device, b.encode_batch_size, b.mined_negatives, b.exclude_family,
-                            b.max_pos_ratio)
+    bank, corpus = cfg.bank.settings(), None
+    if bank is not None:
         ids = pairs.training_doc_ids()
         corpus = BankCorpus(ids, [cfg.data.document_prefix + docs[i] for i in ids.tolist()])
     # False negatives are judged on what the encoder sees: the prefixed text after truncation.
@@ -113,7 +106,7 @@ def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_p
         encoder, groups, key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
         momentum=cfg.moco.momentum, momentum_schedule=cfg.moco.momentum_schedule,
         total_steps=cfg.train.epochs * batches_per_epoch, temperature=cfg.moco.temperature,
-        in_batch_negatives=cfg.moco.in_batch_negatives, mochi=mochi, bank=bank, bank_corpus=corpus,
+        in_batch_negatives=cfg.moco.in_batch_negatives, mochi=cfg.mochi.settings(), bank=bank, bank_corpus=corpus,
         max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio, gradient=cfg.moco.gradient,
         doc_families=family_groups(docs), token_groups=table, grad_cache_chunk=cfg.model.grad_cache_chunk,
         seed=cfg.seed)
