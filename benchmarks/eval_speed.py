@@ -38,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from mochi_retrieval.eval.models import load_model
 from mochi_retrieval.encoders import encode_in_batches
+from mochi_retrieval.eval.models import load_model
 from mochi_retrieval.eval.retrieval import RetrievalEvaluator
 from mochi_retrieval.metrics import Qrels, compute_metrics
 from mochi_retrieval.search import l2_normalize, search

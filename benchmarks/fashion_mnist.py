@@ -23,9 +23,8 @@ from common import append_results, interleaved_medians, markdown_table
 
 from mochi_retrieval import train
 from mochi_retrieval.config import load_config
-from mochi_retrieval.data.fashion_mnist import load_fashion_mnist
+from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS, load_fashion_mnist
 from mochi_retrieval.eval.knn import knn_top1
-from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS
 from mochi_retrieval.training import build_data, build_model
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"

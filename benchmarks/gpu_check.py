@@ -45,11 +45,10 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's library and the shared test bodies
 
-import torch  # noqa: E402
-
 import device_checks as checks  # noqa: E402
 import gpu_timings as timings  # noqa: E402
-from common import machine, markdown_table, results_section, RESULTS  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, machine, markdown_table, results_section  # noqa: E402
 from gpu_timings import Sizes  # noqa: E402
 
 NCCL = ("unverified: two processes on one GPU prove nothing about NCCL; it stays unverified until a "
@@ -322,7 +321,8 @@ def markdown(report: dict) -> str:
     lines = [f"Device {env.get('gpu', report['device'])}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, "
              f"cuDNN {env.get('cudnn', '-')}), Python {env.get('python')}; faiss {env.get('faiss_packages')}, "
              f"GPUs seen by faiss: {env.get('faiss_num_gpus')}. Wall time {report['wall_seconds']} s.", "",
-             f"Correctness on the device: {s['correctness_passed']} passed, failed: {s['correctness_failed'] or 'none'}.",
+             f"Correctness on the device: {s['correctness_passed']} passed, "
+             f"failed: {s['correctness_failed'] or 'none'}.",
              ""]
     checked = {**report["correctness"], "gloo_parity (CPU)": report["distributed"]["gloo_parity"]}
     rows = [[n, it["status"], it["seconds"], _brief(it)] for n, it in checked.items()]

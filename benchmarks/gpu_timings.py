@@ -20,7 +20,6 @@ from types import SimpleNamespace
 from typing import Callable
 
 import torch
-
 from common import interleaved_medians, sync
 from mixing_overhead import make_heads, make_inputs
 
@@ -113,8 +112,7 @@ def make_image_folder(root: Path, files: int, px: int, classes: int = 2) -> Path
 
 
 def _image_model(cfg, steps_per_epoch: int, device: torch.device):
-    from mochi_retrieval.training import build_model, settings_from
-    from mochi_retrieval.training import make_optimizer, param_groups
+    from mochi_retrieval.training import build_model, make_optimizer, param_groups, settings_from
 
     model = build_model(cfg, steps_per_epoch, world=1).to(device=device, memory_format=torch.channels_last)
     model.train()
@@ -211,6 +209,7 @@ def synthetic_pairs(n: int, seed: int = 0):
     import random
 
     from eval_helpers import WORDS
+
     from mochi_retrieval.data.text_pairs import TextPair, TextPairs
 
     rng = random.Random(seed)
@@ -231,9 +230,14 @@ def time_text_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obje
     import time
 
     from mochi_retrieval.config import load_config
-    from mochi_retrieval.training import settings_from
-    from mochi_retrieval.training import build_encoder, build_text_data, build_text_model
-    from mochi_retrieval.training import make_optimizer, param_groups
+    from mochi_retrieval.training import (
+        build_encoder,
+        build_text_data,
+        build_text_model,
+        make_optimizer,
+        param_groups,
+        settings_from,
+    )
 
     path, described = _text_model_path(s, tmp)
     pairs = synthetic_pairs(s.text_pairs)
@@ -250,7 +254,8 @@ def time_text_steps(device: torch.device, s: Sizes, tmp: Path) -> dict[str, obje
             model.refresh_bank()
             sync(device)
             out[f"{name}_refresh_s"] = round(time.perf_counter() - start, 3)
-            out[f"{name}_bank"] = f"{len(model.bank)} docs, {cfg.bank.backend} on {'GPU' if model.bank.use_gpu else 'CPU'}"
+            where = "GPU" if model.bank.use_gpu else "CPU"
+            out[f"{name}_bank"] = f"{len(model.bank)} docs, {cfg.bank.backend} on {where}"
         settings = settings_from(cfg)
         optimizer = make_optimizer(param_groups(model, settings), settings)
         batches = list(itertools.islice(data.epoch(0), 4))

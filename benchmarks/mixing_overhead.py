@@ -20,7 +20,6 @@ import multiprocessing as mp
 
 import torch
 import torch.nn.functional as F
-
 from common import append_results, interleaved_medians, markdown_table
 
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss, info_nce_from_logits

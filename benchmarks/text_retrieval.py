@@ -82,8 +82,11 @@ def st_imports():
     except ImportError:
         from sentence_transformers import losses
         from sentence_transformers.training_args import BatchSamplers
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     return losses, BatchSamplers, SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 

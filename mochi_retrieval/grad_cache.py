@@ -99,7 +99,7 @@ class GradCache:
             raise NotImplementedError("GradCache chunking (model.grad_cache_chunk) does not support several "
                                       "processes yet; unset it or train on one process")
         grads = torch.autograd.grad(loss, self._leaves)
-        leaves, chunks = self._leaves, self._chunks
+        chunks = self._chunks
         self._leaves, self._chunks = [], []
         out = loss.detach().requires_grad_()
         out.register_hook(lambda g: _replay(chunks, grads, g))

@@ -142,8 +142,10 @@ class MoCo(ContrastiveCore):
         self._momentum_step(self.query_net, self.key_net, step)
         k = self.encode_keys(view_k)
         b = q.shape[0]
-        query = Query(q.detach(), ids.view(-1, 1) if self.mask_same_instance and ids is not None else no_ids(b, q.device),
-                      labels.view(-1, 1) if self.mask_same_label and labels is not None else no_ids(b, q.device))
+        same_instance = self.mask_same_instance and ids is not None
+        same_label = self.mask_same_label and labels is not None
+        query = Query(q.detach(), ids.view(-1, 1) if same_instance else no_ids(b, q.device),
+                      labels.view(-1, 1) if same_label else no_ids(b, q.device))
         sources = self._queue_source(query)
         if self.bank is not None:
             sources.append(self._bank_source(q, ids))

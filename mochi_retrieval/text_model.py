@@ -142,7 +142,8 @@ class TextMoCo(ContrastiveCore):
             raise ValueError(f"doc_families has {families.numel()} entries for {groups.numel()} documents")
         self.register_buffer("doc_families", families)
         self.token_groups = dict(token_groups or {})
-        self.in_batch, self.grad_cache_chunk, self.max_neg_pos_ratio = in_batch_negatives, grad_cache_chunk, max_neg_pos_ratio
+        self.in_batch, self.grad_cache_chunk = in_batch_negatives, grad_cache_chunk
+        self.max_neg_pos_ratio = max_neg_pos_ratio
         self.bank_corpus = bank_corpus
         self._text_of = dict(zip(bank_corpus.ids.tolist(), bank_corpus.texts)) if bank_corpus is not None else {}
         self.refresh_log: list[dict[str, float]] = []

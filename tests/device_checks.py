@@ -132,7 +132,8 @@ def check_identical_keys(device: Device) -> dict[str, float]:
 
 def check_cross_entropy_reference(device: Device) -> dict[str, float]:
     """info_nce_from_logits equals F.cross_entropy over [pos, queue, synthetic] / T with target 0."""
-    q, k, bank = unit(5, 8, seed=1, device=device), unit(5, 8, seed=2, device=device), unit(30, 8, seed=3, device=device)
+    q, k = unit(5, 8, seed=1, device=device), unit(5, 8, seed=2, device=device)
+    bank = unit(30, 8, seed=3, device=device)
     synth = unit(5, 7, seed=9, device=device)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.t(), synth], 1) / 0.07
     ref = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long, device=device))
@@ -142,7 +143,8 @@ def check_cross_entropy_reference(device: Device) -> dict[str, float]:
 
 
 def check_mochi_loss_reference(device: Device) -> dict[str, float]:
-    """contrastive_loss with MoCHi equals the cross-entropy over materialised synthetic points, in value and gradient."""
+    """contrastive_loss with MoCHi equals the cross-entropy over materialised synthetic points, in value and
+    gradient."""
     q = unit(4, 8, seed=4, device=device).requires_grad_(True)
     k, bank = unit(4, 8, seed=5, device=device), unit(32, 8, seed=6, device=device)
     mochi = MoCHiConfig(n_hard=8, n_mix=4, n_query_mix=2)

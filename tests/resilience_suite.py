@@ -23,9 +23,9 @@ from typing import Callable
 
 import pytest
 import torch
-
 from conftest import make_tiny_fmnist
 from test_train import CONFIG, losses, tiny_overrides
+
 from mochi_retrieval import train
 from mochi_retrieval.training import checkpoints as checkpoint
 from mochi_retrieval.training.loop import EXIT_INTERRUPTED, Trainer
@@ -184,7 +184,8 @@ def kill_during_log_write() -> None:
 
 
 @pytest.mark.parametrize("hook,resumed_from", [
-    (kill_after_logging_a_step, 4), (kill_during_checkpoint_write, 2), (kill_before_last_link, 6), (kill_during_log_write, 8),
+    (kill_after_logging_a_step, 4), (kill_during_checkpoint_write, 2), (kill_before_last_link, 6),
+    (kill_during_log_write, 8),
 ])
 def test_kill_9_then_resume_equals_uninterrupted_run(data, reference, tmp_path, hook, resumed_from, caplog):
     out, log = tmp_path / "run", tmp_path / "child.log"
@@ -230,7 +231,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(target: Callable[[int], int], tmp_path: Path, name: str) -> list[tuple[multiprocessing.Process, Path]]:
+def two_processes(target: Callable[[int], int], tmp_path: Path,
+                  name: str) -> list[tuple[multiprocessing.Process, Path]]:
     """Fork ranks 0 and 1 of a gloo group, as a launcher without an agent (srun) would start them."""
     port = str(free_port())
     started = []

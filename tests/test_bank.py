@@ -4,18 +4,17 @@ from __future__ import annotations
 import io
 import logging
 
+import device_checks
 import pytest
 import torch
-
-from mochi_retrieval.bank import FaissNegativeBank
-from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
-from mochi_retrieval.search import faiss_num_gpus, l2_normalize
-
-import device_checks
 from device_checks import BANK_CASES, DEVICES
 from device_checks import bank_data as _data
 from device_checks import bank_positives as _positives
 from device_checks import bank_reference as _reference
+
+from mochi_retrieval.bank import FaissNegativeBank
+from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
+from mochi_retrieval.search import faiss_num_gpus, l2_normalize
 
 BACKENDS = ["faiss", "torch"]
 

@@ -11,8 +11,8 @@ import yaml
 from mochi_retrieval.config import (
     ConfigError,
     ExperimentConfig,
-    ModelConfig,
     MoCoConfig,
+    ModelConfig,
     TrainConfig,
     from_dict,
     load_config,

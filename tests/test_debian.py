@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 
 from mochi_retrieval.data import debian
-from mochi_retrieval.data.debian import (
-    FETCH_COMMAND, build_corpus, clean_description, main, translation_files, write_beir,
-)
 from mochi_retrieval.data.beir import load_beir
+from mochi_retrieval.data.debian import (
+    FETCH_COMMAND,
+    build_corpus,
+    clean_description,
+    main,
+    translation_files,
+    write_beir,
+)
 
 
 def _entry(package: str, synopsis: str, body: str) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from eval_helpers import TINY_DETECTION_YAML, make_run_folder, make_tiny_voc
+
 from mochi_retrieval.eval.cli import main
 
 pytest.importorskip("pycocotools")

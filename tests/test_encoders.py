@@ -217,7 +217,9 @@ def test_text_truncation_and_bad_pooling(tiny_text_model_dir: Path) -> None:
     enc = HFTextEncoder(tiny_text_model_dir, max_length=4)
     assert enc.tokenize(SENTENCES)["input_ids"].shape == (3, 4)
     model = HFTextEncoder(tiny_text_model_dir, gradient_checkpointing=True).model
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = "is_activation_checkpointing"
+    if not hasattr(model, flag):
+        flag = "is_gradient_checkpointing"
     assert getattr(model, flag)
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         HFTextEncoder(tiny_text_model_dir, pooling="max")
@@ -295,7 +297,8 @@ def test_momentum_copy_and_errors() -> None:
     assert all(p.requires_grad for p in online.parameters())
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
         momentum_update(online, target, 1.5)
-    with pytest.raises(ValueError, match=r"parameter mismatch: online '2.weight' \(2, 4\) vs target '2.weight' \(3, 4\)"):
+    with pytest.raises(ValueError,
+                       match=r"parameter mismatch: online '2.weight' \(2, 4\) vs target '2.weight' \(3, 4\)"):
         momentum_update(online, nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)), 0.5)
     with pytest.raises(ValueError, match="online has 6 parameters but target has 4"):
         momentum_update(online, nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), 0.5)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from eval_helpers import make_run_folder, make_tiny_beir, make_tiny_bert
+
 from mochi_retrieval.data.beir import load_beir
 from mochi_retrieval.eval.cli import main
 

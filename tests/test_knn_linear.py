@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from eval_helpers import make_run_folder, make_tiny_fashion_mnist, write_idx
+
 from mochi_retrieval.data.fashion_mnist import DEFAULT_ROOT, FashionMNIST, load_fashion_mnist, missing_files
 from mochi_retrieval.eval.cli import main
 from mochi_retrieval.eval.features import Features

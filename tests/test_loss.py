@@ -1,9 +1,11 @@
 """InfoNCE on closed-form cases and against a direct cross-entropy reference."""
 import math
 
+import device_checks
 import pytest
 import torch
 import torch.nn.functional as F
+from device_checks import DEVICES
 
 from mochi_retrieval.loss import (
     MoCHiConfig,
@@ -11,9 +13,6 @@ from mochi_retrieval.loss import (
     contrastive_loss,
     proxy_accuracy,
 )
-
-import device_checks
-from device_checks import DEVICES
 
 
 def unit(*shape, seed=0):

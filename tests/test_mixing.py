@@ -1,16 +1,14 @@
 """MoCHi mixing against a per-query reference written from the paper's formulas."""
 import math
 
+import device_checks
 import pytest
 import torch
 import torch.nn.functional as F
+from device_checks import DEVICES
 
 from mochi_retrieval import mixing
 from mochi_retrieval.mixing import sample_plan, synthesize, synthetic_logits
-
-import device_checks
-from device_checks import DEVICES
-
 
 
 @pytest.fixture(autouse=True)

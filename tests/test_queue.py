@@ -1,17 +1,16 @@
 """Momentum queue: ring order, wrap-around, masks, state, and two processes vs one."""
 import os
 
+import device_checks
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from device_checks import DEVICES
 
 from mochi_retrieval.distributed import replicas_agree
 from mochi_retrieval.queue import NO_ID, MomentumQueue
-
-import device_checks
-from device_checks import DEVICES
 
 
 def keys(n, d=4, seed=0):

@@ -21,7 +21,8 @@ def test_mochi_in_one_call_runs():
     assert scope["out"].synthetic_logits.shape == (256, 768)
 
 
-@pytest.mark.skipif(not FMNIST.is_file(), reason="needs the dataset-fashion-mnist Debian package (.ci/setup installs it)")
+@pytest.mark.skipif(not FMNIST.is_file(),
+                    reason="needs the dataset-fashion-mnist Debian package (.ci/setup installs it)")
 def test_bring_your_own_encoder_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.symlink(ROOT / "configs", tmp_path / "configs")

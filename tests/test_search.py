@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import device_checks
 import pytest
 import torch
+from device_checks import DEVICES
 
 import mochi_retrieval.search as search_mod
 from mochi_retrieval.search import faiss_num_gpus, l2_normalize, resolve_backend, search
-
-import device_checks
-from device_checks import DEVICES
 
 GPU_OPTIONS = [False] + ([True] if faiss_num_gpus() > 0 else [])
 

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_text_model import ToyTextEncoder
 from torch import nn
 
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss
-from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
 from mochi_retrieval.monitors import mean_pairwise_cosine
-from test_text_model import ToyTextEncoder
+from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
 
 T = 0.05
 

@@ -3,18 +3,17 @@ negatives, queue + bank + in-batch union, MoCHi on that union, bank refresh and 
 import copy
 import math
 
+import device_checks
 import pytest
 import torch
 import torch.nn.functional as F
+from device_checks import DEVICES
 from torch import nn
 
 from mochi_retrieval import mixing
 from mochi_retrieval.loss import MoCHiConfig
-from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
 from mochi_retrieval.negatives import false_negative_mask
-
-import device_checks
-from device_checks import DEVICES
+from mochi_retrieval.text_model import BankCorpus, BankSettings, TextMoCo
 
 WORDS = "a b c d e f g h i j k l m n o p q r s t u v w x y z".split()
 T = 0.05

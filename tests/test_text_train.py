@@ -151,7 +151,8 @@ def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_bei
     config = json.loads((tiny_text_model_dir / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths on every process
     (tiny_text_model_dir / "config.json").write_text(json.dumps(config))
-    common = {"mochi.enabled": "false", "bank.mined_negatives": 1, "bank.max_pos_ratio": "null", "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
+    common = {"mochi.enabled": "false", "bank.mined_negatives": 1, "bank.max_pos_ratio": "null",
+              "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
               "train.lr": 0.5, "train.warmup_epochs": 0, "train.schedule": "constant"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     runs = {}

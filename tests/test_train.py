@@ -5,13 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import device_checks
 import pytest
 import torch
+from device_checks import DEVICES
 
 from mochi_retrieval import train
-
-import device_checks
-from device_checks import DEVICES
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 
@@ -197,7 +196,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tiny_fmnist_dir, tmp_path):
     args = tiny_overrides(tiny_fmnist_dir, out, **{"train.mixed_precision": "bf16", "train.epochs": 1,
                                                    "eval.linear_probe": "false"})
     assert train.main([str(CONFIG), *args]) == 0
-    assert all(l == l for l in losses(out).values())  # finite, not NaN
+    assert all(v == v for v in losses(out).values())  # finite, not NaN
 
 
 def test_gradient_accumulation_counts_optimiser_steps(tiny_fmnist_dir, tmp_path):

@@ -18,8 +18,17 @@ from typing import Sequence, TypeVar
 from ..errors import ConfigError, ConfigValueError
 from . import engine
 from .engine import from_dict, save_config, to_dict
-from .schema import (TEXT_DATASETS, BankSection, DataConfig, EvalConfig, ExperimentConfig, MoCHiSection, MoCoConfig,
-                     ModelConfig, TrainConfig)
+from .schema import (
+    TEXT_DATASETS,
+    BankSection,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    MoCHiSection,
+    MoCoConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 T = TypeVar("T")
 

@@ -32,7 +32,6 @@ import numbers
 import os
 import re
 import types
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin, get_type_hints
 

@@ -288,4 +288,5 @@ class ExperimentConfig:
             pool += (self.train.batch_size - 1) * self.moco.in_batch_negatives
         require(m.n_hard <= pool, "mochi.n_hard",
                  f"<= the negatives per query ({pool}: moco.queue_size"
-                 + (" + in-batch" if self.data.is_text else "") + (" + bank.candidates" if self.bank.enabled else "") + ") when mochi.enabled", m.n_hard)
+                + (" + in-batch" if self.data.is_text else "")
+                + (" + bank.candidates" if self.bank.enabled else "") + ") when mochi.enabled", m.n_hard)

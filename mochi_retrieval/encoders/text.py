@@ -43,7 +43,8 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer from a local folder; ValueError naming what is missing."""
     if not path.is_dir():
-        raise ValueError(f"HFTextEncoder: {str(path)!r} is not a directory (expected a local transformers model folder)")
+        raise ValueError(f"HFTextEncoder: {str(path)!r} is not a directory "
+                         "(expected a local transformers model folder)")
     if not (path / "config.json").is_file():
         raise ValueError(f"HFTextEncoder: {str(path)!r} is not a transformers model folder: config.json is missing")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):

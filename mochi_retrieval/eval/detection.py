@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mochi_retrieval.eval.errors import EvalInputError
 from mochi_retrieval.data.augment import IMAGENET_STATS
 from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS
+from mochi_retrieval.eval.errors import EvalInputError
 from mochi_retrieval.eval.features import input_channels
 from mochi_retrieval.eval.voc import VOC_CLASSES, VOCDataset, coco_ground_truth, load_sets, resolve_root
 

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mochi_retrieval.encoders.encoding import EncodeFn, encode_in_batches
 from mochi_retrieval.eval.errors import EvalInputError
 from mochi_retrieval.metrics import Qrels, compute_metrics, recall_curve
-from mochi_retrieval.search import Backend, faiss_num_gpus, l2_normalize, search
+from mochi_retrieval.search import Backend, faiss_num_gpus, search
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,15 @@ from .image import ImageRecipe, build_data, build_model
 from .loop import Trainer, TrainerSettings, make_optimizer, param_groups
 from .recipe import Recipe, fingerprint, recipe_for, settings_from
 from .runner import run
-from .text import TextEvaluator, TextRecipe, build_encoder, build_text_data, build_text_model, load_pairs, \
-    resolve_model_path
+from .text import (
+    TextEvaluator,
+    TextRecipe,
+    build_encoder,
+    build_text_data,
+    build_text_model,
+    load_pairs,
+    resolve_model_path,
+)
 
 __all__ = [
     "ImageRecipe", "Recipe", "TextEvaluator", "TextRecipe", "Trainer", "TrainerSettings", "build_data",

@@ -28,7 +28,8 @@ def build_data(cfg: ExperimentConfig, accelerator):
     t, d = cfg.train, cfg.data
     sharding = Sharding(local_batch(cfg), accelerator.num_processes, accelerator.process_index)
     if t.batch_size > cfg.moco.queue_size:
-        raise ValueError(f"train.batch_size={t.batch_size} does not fit the queue (moco.queue_size={cfg.moco.queue_size})")
+        raise ValueError(f"train.batch_size={t.batch_size} does not fit the queue "
+                         f"(moco.queue_size={cfg.moco.queue_size})")
     if d.dataset == "fashion_mnist":
         from ..data.fashion_mnist import load_fashion_mnist
 

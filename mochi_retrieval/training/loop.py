@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import any_process, is_collective_failure, rank, replicas_agree
 from . import checkpoints
 from .checkpoints import CheckpointDir, CheckpointError
-from ..distributed import any_process, is_collective_failure, rank, replicas_agree
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import ExperimentConfig
-from .loop import Trainer, TrainData, TrainerSettings
+from .loop import TrainData, Trainer, TrainerSettings
 
 
 class Recipe:
@@ -68,7 +68,8 @@ def local_batch(cfg: ExperimentConfig) -> int:
     """Items per micro-batch summed over processes (``train.batch_size / train.grad_accum_steps``)."""
     t = cfg.train
     if t.batch_size % t.grad_accum_steps:
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}")
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by "
+                         f"train.grad_accum_steps={t.grad_accum_steps}")
     return t.batch_size // t.grad_accum_steps
 
 
