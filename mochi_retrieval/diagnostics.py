@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .queue import NO_ID
+from .negatives import NO_ID
 
 
 def alignment(q: torch.Tensor, k: torch.Tensor, alpha: float = 2.0) -> float:
