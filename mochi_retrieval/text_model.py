@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import distributed
 from .bank import BankSettings
 from .core import ContrastiveCore, Gradient, MoCoConfig
-from .encoders import encode_in_batches, encoder_output_dim, make_momentum_copy
+from .encoders import encode_in_batches, encoder_output_dim, eval_mode, make_momentum_copy
 from .grad_cache import GradCache
 from .loss import ContrastiveOutput, MoCHiConfig
 from .monitors import family_share, mean_pairwise_cosine, source_mass
@@ -182,19 +182,17 @@ class TextMoCo(ContrastiveCore):
         """
         start = time.perf_counter()
         net = self._key_net()
-        was_training = net.training
-        net.eval()
         device = self.doc_groups.device
         tokenize = self.query_encoder.tokenize
         world, rank = distributed.world_size(), distributed.rank()
         texts = list(self.bank_corpus.texts)
         per = math.ceil(len(texts) / world)
         mine = texts[rank * per : (rank + 1) * per]
-        emb = encode_in_batches(
-            lambda batch: net({k: v.to(device) for k, v in tokenize(batch).items()}).float(),
-            mine, self.bank_settings.encode_batch_size, "bank refresh", progress)
+        with eval_mode(net):
+            emb = encode_in_batches(
+                lambda batch: net({k: v.to(device) for k, v in tokenize(batch).items()}).float(),
+                mine, self.bank_settings.encode_batch_size, "bank refresh", progress)
         emb = distributed.all_gather_cat(emb.to(device))
-        net.train(was_training)
         ids = self.bank_corpus.ids
         key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
         self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids])

@@ -5,7 +5,7 @@ Importing this package registers the built-in encoders: "resnet18",
 """
 
 from mochi_retrieval.encoders.base import Batch, EncoderCheckError, check_encoder, encoder_output_dim
-from mochi_retrieval.encoders.encoding import EncodeFn, encode_in_batches
+from mochi_retrieval.encoders.encoding import EncodeFn, encode_in_batches, eval_mode
 from mochi_retrieval.encoders.heads import (
     EncoderWithHead,
     ProjectionHead,
@@ -36,6 +36,7 @@ __all__ = [
     "create_encoder",
     "encode_in_batches",
     "encoder_output_dim",
+    "eval_mode",
     "list_encoders",
     "make_momentum_copy",
     "mean_pool",

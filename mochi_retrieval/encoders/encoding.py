@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mochi_retrieval.search import l2_normalize
@@ -29,3 +30,15 @@ def encode_in_batches(encode: EncodeFn, texts: Sequence[str], batch_size: int, d
     result = torch.empty_like(emb)
     result[torch.tensor(order, dtype=torch.int64)] = emb
     return result
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout, BatchNorm running statistics) for the block, then back to the mode
+    it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

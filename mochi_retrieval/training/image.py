@@ -14,7 +14,7 @@ from ..data.augment import BatchAugment
 from ..data.fashion_mnist import FASHION_MNIST_STATS
 from ..data.images import FolderViews, InMemoryViews, Sharding, read_class_list
 from ..diagnostics import step_diagnostics
-from ..encoders import create_encoder
+from ..encoders import create_encoder, eval_mode
 from ..moco import MoCo
 from .loop import Trainer
 from .recipe import Recipe, local_batch
@@ -91,13 +91,8 @@ class Evaluator:
         d = self.cfg.data
         classes = read_class_list(d.class_list) if d.class_list else None
         train, test, n_classes = load_classification_data(d.root, encoder, d.image_size, limit, classes)
-        was_training = encoder.training
-        encoder.eval()
-        with torch.no_grad():
-            feats = extract_features(lambda x: encoder(x.to(self.device)), train, test, n_classes,
-                                     progress=False)
-        encoder.train(was_training)
-        return feats
+        with eval_mode(encoder), torch.no_grad():
+            return extract_features(lambda x: encoder(x.to(self.device)), train, test, n_classes, progress=False)
 
     def _knn(self, feats) -> float:
         from ..eval.knn import knn_top1

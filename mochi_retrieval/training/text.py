@@ -17,7 +17,7 @@ import torch
 from ..config import ExperimentConfig
 from ..data.images import Sharding
 from ..data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
-from ..encoders import create_encoder
+from ..encoders import create_encoder, eval_mode
 from ..text_model import BankCorpus, TextMoCo
 from .loop import Trainer
 from .recipe import Recipe, local_batch
@@ -141,16 +141,13 @@ class TextEvaluator:
         if not Path(self.cfg.data.root).is_dir():
             logger.warning("data.root is a pairs file: no BEIR split to evaluate on")
             return {}
-        was_training = encoder.training
-        encoder.eval()
 
         def encode(texts: list[str]) -> torch.Tensor:
             tokens = {k: v.to(self.device) for k, v in encoder.tokenize(texts).items()}
             return encoder(tokens).float()
 
-        results = self.score(encode)
-        encoder.train(was_training)
-        return results
+        with eval_mode(encoder):
+            return self.score(encode)
 
     def score(self, encode) -> dict[str, float]:
         """The evaluator's metrics plus ``doc_mean_cosine``: the mean cosine between the split's documents
