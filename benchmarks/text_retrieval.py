@@ -44,7 +44,8 @@ from mochi_retrieval.training import TextEvaluator, build_encoder, load_pairs, r
 CONFIG = Path(__file__).parents[1] / "configs" / "debian_minilm.yaml"
 IN_BATCH = ["moco.queue_size=0", "bank.enabled=false", "mochi.enabled=false"]
 BANK = ["moco.queue_size=0", "bank.enabled=true", "mochi.enabled=false"]
-MOCHI = ["mochi.enabled=true"]
+# MoCHi rows pin their settings (the config now holds pair mixes only, the "small" row).
+MOCHI = ["mochi.enabled=true", "mochi.n_hard=32", "mochi.n_mix=16", "mochi.n_query_mix=8", "mochi.beta_max=0.25"]
 OURS = {
     "ours_in_batch": IN_BATCH,
     "ours_bank": BANK,
