@@ -44,6 +44,7 @@ CONTRACT_CASES: dict[str, list[tuple[str, Callable[[Path], dict[str, Any]], Call
     "resnet18": [
         ("small_grey", lambda d: {"in_channels": 1, "small_images": True}, lambda e: _images(1)()),
         ("small_rgb", lambda d: {"small_images": True}, lambda e: _images(3)()),
+        ("half_stem_grey", lambda d: {"in_channels": 1, "stem": "half"}, lambda e: _images(1, 28)()),
     ],
     "resnet34": [("tiny", lambda d: {}, lambda e: _images(3)())],
     "resnet50": [("tiny", lambda d: {}, lambda e: _images(3)())],
@@ -78,6 +79,23 @@ def test_resnet_output_dims_and_bad_arch() -> None:
     assert ResNetEncoder("resnet18", in_channels=1).output_dim == 512
     with pytest.raises(ValueError, match=r"resnet99.*resnet18, resnet34, resnet50"):
         ResNetEncoder("resnet99")
+
+
+@pytest.mark.parametrize("stem, side", [("imagenet", 7), ("half", 14), ("small", 28)])
+def test_resnet_stem_sets_the_first_stage_resolution(stem: str, side: int) -> None:
+    enc = ResNetEncoder("resnet18", in_channels=1, width=8, stem=stem).eval()
+    b = enc.backbone
+    with torch.no_grad():
+        x = b.maxpool(b.relu(b.bn1(b.conv1(torch.randn(2, 1, 28, 28)))))
+    assert x.shape[-2:] == (side, side)
+    assert enc(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+
+
+def test_resnet_stem_errors() -> None:
+    with pytest.raises(ValueError, match=r"unknown stem 'tiny'; choices: imagenet, small, half"):
+        ResNetEncoder("resnet18", stem="tiny")
+    with pytest.raises(ValueError, match="contradicts stem='half'"):
+        ResNetEncoder("resnet18", small_images=True, stem="half")
 
 
 def test_check_encoder_leaves_mode_grads_and_buffers_alone() -> None:

@@ -73,6 +73,14 @@ class DataConfig:
     """Side of the square crops fed to the encoder, in pixels."""
     augmentation: Literal["mocov2", "mocov2_small_grey"] = "mocov2_small_grey"
     """Augmentation recipe: MoCo-v2 aug+, or its variant for small grey images."""
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Random resized crop: range of the crop's area as a share of the image (MoCo-v2: 0.2 to 1). Small
+    images lose their class at small crops; Fashion-MNIST uses a larger lower bound."""
+    blur_prob: float = 0.5
+    """Probability of the Gaussian blur (MoCo-v2: 0.5; 0 turns it off)."""
+    jitter: float = 0.4
+    """Colour-jitter strength: brightness, contrast and saturation factors in [1 - j, 1 + j], hue j / 4
+    (MoCo-v2: 0.4, applied with probability 0.8; 0 turns it off)."""
     num_workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
     skip_corrupt_images: bool = False
@@ -102,6 +110,10 @@ class DataConfig:
         require(self.image_size > 0, "image_size", "> 0", self.image_size)
         require(self.num_workers >= 0, "num_workers", ">= 0", self.num_workers)
         require(self.limit is None or self.limit > 0, "limit", "> 0 or null", self.limit)
+        lo, hi = self.crop_scale
+        require(0.0 < lo <= hi <= 1.0, "crop_scale", "[low, high] with 0 < low <= high <= 1", list(self.crop_scale))
+        require(0.0 <= self.blur_prob <= 1.0, "blur_prob", "in [0, 1]", self.blur_prob)
+        require(0.0 <= self.jitter < 1.0, "jitter", "in [0, 1)", self.jitter)
 
 
 @dataclass(frozen=True)

@@ -23,16 +23,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_STATS = (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def mocov2_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """aug+ of MoCo-v2: crop 0.2-1, colour jitter p=0.8, grey p=0.2, blur p=0.5, flip."""
+def mocov2_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     scale: tuple[float, float] = (0.2, 1.0), jitter: float = 0.4, p_blur: float = 0.5):
+    """aug+ of MoCo-v2: crop ``scale`` (0.2-1), colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grey p=0.2,
+    blur p=0.5, flip. ``jitter`` scales the colour jitter (hue ``jitter / 4``)."""
     from torchvision import transforms as T
 
     blur_kernel = 2 * (int(0.1 * image_size) // 2) + 1  # ~10% of the side, odd
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomResizedCrop(image_size, scale=tuple(scale)),
+        T.RandomApply([T.ColorJitter(jitter, jitter, jitter, jitter / 4)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
+        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=p_blur),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),

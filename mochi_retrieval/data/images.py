@@ -170,13 +170,17 @@ class FolderViews:
         class_list: keep only these class folders (ImageNet-100).
         skip_corrupt: replace an undecodable image by the next one instead of stopping;
             :attr:`skipped` counts them.
+        scale, jitter, p_blur: crop area range, colour-jitter strength and blur probability of
+            :func:`~mochi_retrieval.data.augment.mocov2_transform`.
     """
 
     def __init__(self, root: str, sharding: Sharding, seed: int, image_size: int = 224, num_workers: int = 8,
                  class_list: Sequence[str] | None = None, device: torch.device | str = "cpu",
-                 skip_corrupt: bool = False) -> None:
+                 skip_corrupt: bool = False, scale: tuple[float, float] = (0.2, 1.0), jitter: float = 0.4,
+                 p_blur: float = 0.5) -> None:
         self.folder = image_folder(root, class_list)
-        self.dataset = _SeededFolder(self.folder, TwoCrops(mocov2_transform(image_size)), skip_corrupt)
+        transform = mocov2_transform(image_size, scale=scale, jitter=jitter, p_blur=p_blur)
+        self.dataset = _SeededFolder(self.folder, TwoCrops(transform), skip_corrupt)
         self.skipped = 0  # undecodable files skipped by this process so far
         self.sharding, self.seed, self.num_workers = sharding, seed, num_workers
         self.device = torch.device(device)

@@ -54,6 +54,9 @@ class _WidthResNet(ResNet):
                 nn.init.constant_(m.bias, 0)
 
 
+STEMS = ("imagenet", "small", "half")
+
+
 def _new_conv1(in_channels: int, small_images: bool, width: int = 64) -> nn.Conv2d:
     """A replacement stem convolution, initialised as torchvision does."""
     if small_images:  # CIFAR-style stem (MoCo/SimCLR CIFAR code): 3x3, stride 1
@@ -71,16 +74,28 @@ class ResNetEncoder(nn.Module):
         arch: "resnet18", "resnet34" (output_dim 512) or "resnet50" (2048).
         in_channels: input channels; 1 for grey images (replaces conv1).
         small_images: for 28-64 px inputs: conv1 becomes 3x3 stride 1 and the
-            max-pool is removed, as in CIFAR MoCo/SimCLR code.
+            max-pool is removed, as in CIFAR MoCo/SimCLR code (``stem="small"``).
         width: channels of the first stage (torchvision: 64; later stages 2x, 4x,
             8x). Narrower networks (16, 32) are for CPU runs; output_dim scales.
+        stem: the first stage's input resolution, as a share of the image side:
+            "imagenet" (7x7 stride-2 conv and a stride-2 max-pool: 1/4),
+            "small" (3x3 stride-1 conv, no max-pool: 1/1, the same as
+            ``small_images=True``), or "half" (3x3 stride-1 conv and the
+            max-pool: 1/2; on 28 px images 14x14 maps for 4x the compute of
+            "imagenet" at the same width). None: "small" if ``small_images``,
+            else "imagenet".
     """
 
     def __init__(self, arch: str = "resnet50", in_channels: int = 3, small_images: bool = False,
-                 width: int = 64) -> None:
+                 width: int = 64, stem: str | None = None) -> None:
         super().__init__()
         if arch not in RESNET_DIMS:
             raise ValueError(f"unknown ResNet arch {arch!r}; choices: {', '.join(RESNET_DIMS)}")
+        if stem is not None and stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choices: {', '.join(STEMS)}")
+        if small_images and stem not in (None, "small"):
+            raise ValueError(f"small_images=True is stem='small'; it contradicts stem={stem!r}")
+        stem = stem or ("small" if small_images else "imagenet")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if width < 1:
@@ -89,9 +104,9 @@ class ResNetEncoder(nn.Module):
             backbone = getattr(torchvision.models, arch)(weights=None)
         else:
             backbone = _WidthResNet(*_BLOCKS[arch], width=width)
-        if small_images or in_channels != 3:
-            backbone.conv1 = _new_conv1(in_channels, small_images, width)
-        if small_images:
+        if stem != "imagenet" or in_channels != 3:
+            backbone.conv1 = _new_conv1(in_channels, stem != "imagenet", width)
+        if stem == "small":
             backbone.maxpool = nn.Identity()
         self.output_dim: int = backbone.fc.in_features
         backbone.fc = nn.Identity()

@@ -38,11 +38,13 @@ def build_data(cfg: ExperimentConfig, accelerator):
         mean, std = FASHION_MNIST_STATS
         # Grey images have no colour to drop: the small-grey variant skips that step.
         p_gray = 0.0 if d.augmentation == "mocov2_small_grey" else 0.2
-        augment = BatchAugment(out_size=d.image_size, mean=mean, std=std, p_gray=p_gray)
+        augment = BatchAugment(out_size=d.image_size, scale=d.crop_scale, jitter=d.jitter, p_blur=d.blur_prob,
+                               mean=mean, std=std, p_gray=p_gray)
         return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device)
     classes = read_class_list(d.class_list) if d.class_list else None
     return FolderViews(f"{d.root}/train", sharding, cfg.seed, d.image_size, d.num_workers, classes,
-                       accelerator.device, skip_corrupt=d.skip_corrupt_images)
+                       accelerator.device, skip_corrupt=d.skip_corrupt_images, scale=d.crop_scale, jitter=d.jitter,
+                       p_blur=d.blur_prob)
 
 
 def item_labels(data) -> torch.Tensor:
