@@ -1,20 +1,34 @@
-"""MoCo-v2 vs MoCo-v2 + MoCHi on Fashion-MNIST with the CPU config, same budget and seeds.
+"""MoCo-v2, MoCHi, MoCHi + oracle and MoCHi + image bank on Fashion-MNIST with the CPU config, against the floors.
 
-Reports, per seed and variant: kNN (k=200, T=0.1) and linear-probe top-1 on the
-test split and training images/s. Also, in the same run:
+Reports, per seed and row: kNN (k=200, T=0.1) and linear-probe top-1 on the full
+test split, wall time, and the training monitors averaged over the last epoch;
+the mean and spread over seeds when there are several. Also, in the same run:
 
-- the floor: raw-pixel kNN with the same protocol;
+- the floors (``--floors``, on by default): kNN on raw pixels in [0, 1] and on
+  standardised pixels (same protocol), a logistic regression on standardised
+  pixels (our converging linear probe, :func:`fit_linear_probe`), and a randomly
+  initialised network of the config's architecture (kNN and linear probe, one
+  per seed: the seed sets its weights);
 - training-step time of MoCHi relative to MoCo, measured side by side on the
-  same batches (interleaved, median; MoCHi active);
+  same batches (interleaved, median; MoCHi active; ``--timing-steps 0`` skips it);
 - images/s of the data pipeline alone (two augmented views per image) against
   images/s of the training step.
 
-    python benchmarks/fashion_mnist.py [--seeds 0 1] [--epochs 6] [train overrides ...]
+Rows (``--rows``, all four by default):
+
+- ``moco``: plain MoCo-v2 (``mochi.enabled=false``);
+- ``mochi``: MoCo-v2 + MoCHi (the config's settings);
+- ``oracle``: MoCHi with same-class queue entries masked (``moco.mask_same_label=true``),
+  the paper's oracle: what the false negatives cost;
+- ``bank``: MoCHi + the image FAISS bank (``bank.enabled=true``).
+
+    python benchmarks/fashion_mnist.py [--seeds 0 1 2] [--rows moco mochi] [--no-floors] [train overrides ...]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -24,18 +38,52 @@ from common import append_results, interleaved_medians, markdown_table
 from mochi_retrieval import train
 from mochi_retrieval.config import load_config
 from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS, load_fashion_mnist
+from mochi_retrieval.eval.features import Features
 from mochi_retrieval.eval.knn import knn_top1
+from mochi_retrieval.eval.linear_probe import linear_probe_top1
+from mochi_retrieval.training import ImageEvaluator as Evaluator
 from mochi_retrieval.training import build_data, build_model
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "moco": ("MoCo-v2", ["mochi.enabled=false"]),
+    "mochi": ("MoCo-v2 + MoCHi", ["mochi.enabled=true"]),
+    "oracle": ("MoCHi + oracle (same class masked)", ["mochi.enabled=true", "moco.mask_same_label=true"]),
+    "bank": ("MoCHi + image FAISS bank", ["mochi.enabled=true", "bank.enabled=true"]),
+}
+#: Training monitors reported at the end of a run (means over its last epoch's log records).
+MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool")
 
-def raw_pixel_knn(root: str, k: int, t: float, standardise: bool) -> float:
-    """kNN on pixels in [0, 1], or standardised as the encoders see them."""
+
+def pixel_features(root: str, standardise: bool, limit: int | None = None) -> Features:
+    """(N, 784) pixels in [0, 1], or standardised as the encoders see them (the first ``limit`` of each split)."""
     (tr, tr_y), (te, te_y) = load_fashion_mnist(root, "train"), load_fashion_mnist(root, "test")
     mean, std = (FASHION_MNIST_STATS[0][0], FASHION_MNIST_STATS[1][0]) if standardise else (0.0, 1.0)
-    flat = lambda x: ((x.float() / 255 - mean) / std).flatten(1)  # noqa: E731
-    return knn_top1(flat(tr), tr_y, flat(te), te_y, k, t, 10)
+    flat = lambda x: ((x[:limit].float() / 255 - mean) / std).flatten(1)  # noqa: E731
+    return Features(flat(tr), tr_y[:limit].long(), flat(te), te_y[:limit].long(), 10)
+
+
+def floor_rows(cfg, seeds: list[int], overrides: list[str]) -> list[list[object]]:
+    """Pixel kNN (raw, standardised), pixel logistic regression, random-init network per seed."""
+    e, rows = cfg.eval, []
+    for name, std in (("raw pixels in [0, 1] (floor)", False), ("standardised pixels (floor)", True)):
+        start = time.perf_counter()
+        feats = pixel_features(cfg.data.root, std, e.limit)
+        knn = knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels, e.knn_k, e.knn_temperature, 10)
+        linear = "-"
+        if std:  # the probe standardises per feature anyway: one logistic regression on pixels
+            linear = f"{linear_probe_top1(feats):.4f}"
+        rows.append([name, "-", f"{knn:.4f}", linear, f"{time.perf_counter() - start:.0f}", "-", "-"])
+    for seed in seeds:
+        start = time.perf_counter()
+        scfg = load_config(CONFIG, [*overrides, f"seed={seed}", "eval.linear_probe=true"])
+        torch.manual_seed(seed)  # what the training program does before building the model
+        model = build_model(scfg, 1, 1)
+        r = Evaluator(scfg, torch.device("cpu")).final(model.encoder)
+        rows.append([f"random-init {scfg.model.encoder} (floor)", seed, f"{r['knn_top1']:.4f}",
+                     f"{r['linear_top1']:.4f}", f"{time.perf_counter() - start:.0f}", "-", "-"])
+    return rows
 
 
 class _Accel:  # the single-process fields build_data needs
@@ -81,58 +129,108 @@ def timing_table(ratio: float, train_ips: float, loader_ips: float) -> str:
          ["data pipeline images/s (two views each)", f"{loader_ips:.0f}"]])
 
 
-def train_run(overrides: list[str], out: Path) -> dict[str, float]:
+def end_monitors(records: list[dict]) -> dict[str, float]:
+    """Means of :data:`MONITORS` over the last epoch's log records, the kNN monitor curve and the loss trend."""
+    logged = [r for r in records if "loss" in r]
+    if not logged:
+        return {}
+    last_epoch = max(r["epoch"] for r in logged) - 1.0
+    tail = [r for r in logged if r["epoch"] > last_epoch]
+    out = {k: statistics.fmean(r[k] for r in tail if k in r) for k in MONITORS if any(k in r for r in tail)}
+    out["final_loss"] = logged[-1]["loss"]
+    out["loss_change_last_epoch"] = tail[-1]["loss"] - tail[0]["loss"]
+    out["knn_monitor"] = [round(r["knn_monitor"], 4) for r in records if "knn_monitor" in r]
+    return out
+
+
+def monitors_text(m: dict) -> str:
+    parts = []
+    for key, short in (("accuracy", "acc"), ("pos_sim", "pos"), ("hardest_neg_sim", "hardest"),
+                       ("false_neg_hard_pool", "same-class pool")):
+        if key in m:
+            parts.append(f"{short} {m[key]:.2f}")
+    if "loss_change_last_epoch" in m:
+        parts.append(f"loss {m['final_loss']:.2f} ({m['loss_change_last_epoch']:+.2f} in last epoch)")
+    return ", ".join(parts)
+
+
+def train_run(overrides: list[str], out: Path) -> dict:
     start = time.perf_counter()
     code = train.main([str(CONFIG), *overrides, f"output_dir={out}", "train.resume=false"])
     if code != 0:
         raise SystemExit(f"training failed with exit code {code}")
     wall = time.perf_counter() - start
     results = json.loads((out / "results.json").read_text())
-    cfg = load_config(out / "config.yaml")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     results["wall_s"] = wall
-    results["images_per_s"] = results["steps"] * cfg.train.batch_size / wall
-    losses = [r["loss"] for r in records if "loss" in r]
-    results["final_loss"] = losses[-1] if losses else float("nan")
+    results["monitors"] = end_monitors(records)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}" if values else "-"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--timing-steps", type=int, default=15)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="variants to train")
+    p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
+                   help="pixel and random-network floors in the same run")
+    p.add_argument("--timing-steps", type=int, default=15, help="side-by-side MoCHi/MoCo steps (0: skip)")
     p.add_argument("--out", default="runs/bench_fashion_mnist")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--timing-only", action="store_true", help="only the side-by-side step and loader timings")
-    p.add_argument("overrides", nargs="*", help="extra dotted overrides for both variants, e.g. train.epochs=2")
+    p.add_argument("overrides", nargs="*", help="extra dotted overrides for every row, e.g. train.epochs=2")
     args = p.parse_args()
     cfg = load_config(CONFIG, args.overrides)
 
-    if args.timing_only:
-        ratio, train_ips, loader_ips = step_timing(args.overrides, args.timing_steps)
-        side = timing_table(ratio, train_ips, loader_ips)
+    side = ""
+    if args.timing_steps > 0:
+        side = timing_table(*step_timing(args.overrides, args.timing_steps))
         print(side)
+    if args.timing_only:
         if not args.no_write:
             append_results("fashion_mnist: step timing only", f"{args.timing_steps} interleaved steps each\n\n{side}")
         return
-    floors = {name: raw_pixel_knn(cfg.data.root, cfg.eval.knn_k, cfg.eval.knn_temperature, std)
-              for name, std in (("raw pixels in [0, 1] (floor)", False), ("standardised pixels (floor)", True))}
-    ratio, train_ips, loader_ips = step_timing(args.overrides, args.timing_steps)
-    rows = [[name, "-", f"{acc:.4f}", "-", "-", "-"] for name, acc in floors.items()]
+    rows = floor_rows(cfg, args.seeds, args.overrides) if args.floors else []
+    summary: dict[str, dict[str, list[float]]] = {}
     for seed in args.seeds:
-        for name, enabled in (("MoCo-v2", "false"), ("MoCo-v2 + MoCHi", "true")):
-            out = Path(args.out) / f"{name.replace(' + ', '_').replace('-', '').lower()}_seed{seed}"
-            r = train_run([*args.overrides, f"seed={seed}", f"mochi.enabled={enabled}"], out)
-            rows.append([name, seed, f"{r['knn_top1']:.4f}", f"{r.get('linear_top1', float('nan')):.4f}",
-                         f"{r['images_per_s']:.0f}", f"{r['final_loss']:.3f}"])
-    table = markdown_table(["method", "seed", "kNN top-1", "linear top-1", "train images/s (wall)", "final loss"], rows)
-    side = timing_table(ratio, train_ips, loader_ips)
-    budget = (f"budget: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, {cfg.model.encoder} "
-              f"{cfg.model.encoder_kwargs}, K={cfg.moco.queue_size}, MoCHi({cfg.mochi.n_hard}, {cfg.mochi.n_mix}, "
-              f"{cfg.mochi.n_query_mix}) after {cfg.mochi.warmup_epochs} epochs; seeds {args.seeds}")
+        for key in args.rows:
+            name, extra = ROWS[key]
+            out = Path(args.out) / f"{key}_seed{seed}"
+            r = train_run([*args.overrides, *extra, f"seed={seed}"], out)
+            linear = r.get("linear_top1")
+            rows.append([name, seed, f"{r['knn_top1']:.4f}", "-" if linear is None else f"{linear:.4f}",
+                         f"{r['wall_s']:.0f}", monitors_text(r["monitors"]),
+                         " ".join(f"{v:.3f}" for v in r["monitors"].get("knn_monitor", []))])
+            s = summary.setdefault(name, {"knn": [], "linear": [], "wall": []})
+            s["knn"].append(r["knn_top1"])
+            s["wall"].append(r["wall_s"])
+            if linear is not None:
+                s["linear"].append(linear)
+            print(markdown_table(["row", "seed", "kNN", "linear", "wall s"], [rows[-1][:5]]), flush=True)
+    header = ["method", "seed", "kNN top-1", "linear top-1", "wall s", "monitors over the last epoch",
+              "kNN monitor per epoch (10k train)"]
+    table = markdown_table(header, rows)
+    if len(args.seeds) > 1:
+        table += "\n\n" + markdown_table(
+            ["method", "seeds", "kNN mean ± sd", "linear mean ± sd", "wall s (mean)"],
+            [[name, len(s["knn"]), spread(s["knn"]), spread(s["linear"]), f"{statistics.fmean(s['wall']):.0f}"]
+             for name, s in summary.items()])
+    budget = (f"budget: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
+              f"{cfg.model.encoder} {cfg.model.encoder_kwargs}, K={cfg.moco.queue_size}, T={cfg.moco.temperature}, "
+              f"m={cfg.moco.momentum}, crop scale {list(cfg.data.crop_scale)}, blur p {cfg.data.blur_prob}, "
+              f"jitter {cfg.data.jitter}; MoCHi({cfg.mochi.n_hard}, {cfg.mochi.n_mix}, {cfg.mochi.n_query_mix}) "
+              f"after {cfg.mochi.warmup_epochs} epochs; seeds {args.seeds}. Wall times are seconds on this shared "
+              f"machine (training + final evaluation; floors: features + kNN + probe).")
     print(table, "\n\n", side, sep="")
     if not args.no_write:
-        append_results("fashion_mnist: MoCo-v2 vs MoCHi", f"{budget}\n\n{table}\n\n{side}")
+        body = f"{budget}\n\n{table}" + (f"\n\n{side}" if side else "")
+        append_results("fashion_mnist: MoCo-v2, MoCHi, oracle, bank vs floors", body)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 
 The names below are the program's public entry points (the benchmarks use them).
 """
+from .image import Evaluator as ImageEvaluator
 from .image import ImageRecipe, build_data, build_model
 from .loop import Trainer, TrainerSettings, make_optimizer, param_groups
 from .recipe import Recipe, fingerprint, recipe_for, settings_from
@@ -26,7 +27,7 @@ from .text import (
 )
 
 __all__ = [
-    "ImageRecipe", "Recipe", "TextEvaluator", "TextRecipe", "Trainer", "TrainerSettings", "build_data",
-    "build_encoder", "build_model", "build_text_data", "build_text_model", "fingerprint", "load_pairs",
+    "ImageEvaluator", "ImageRecipe", "Recipe", "TextEvaluator", "TextRecipe", "Trainer", "TrainerSettings",
+    "build_data", "build_encoder", "build_model", "build_text_data", "build_text_model", "fingerprint", "load_pairs",
     "make_optimizer", "param_groups", "recipe_for", "resolve_model_path", "run", "settings_from",
 ]
