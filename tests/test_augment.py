@@ -6,7 +6,7 @@ import torch
 
 from mochi_retrieval.config import ConfigError, load_config
 from mochi_retrieval.data.augment import BatchAugment, mocov2_transform
-from mochi_retrieval.experiment import build_data
+from mochi_retrieval.training import build_data
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 
