@@ -10,7 +10,13 @@ which
 2. computes InfoNCE over the union of the blocks, with MoCHi's synthetic negatives once it is active; under
    the ``query_only`` gradient rule with a shared encoder, detached blocks (and MoCHi) score the query only
    and the gradient-carrying blocks alone score the documents;
-3. writes the step's keys into the queue and the bank.
+3. writes the step's keys into the persistent sources (the queue, and any registered with
+   :meth:`ContrastiveCore.add_negative_source`) and the bank.
+
+A new source that lives across steps (a cross-batch memory, a fixed set of given negatives) is one class
+implementing :class:`~mochi_retrieval.negatives.NegativeSource`, registered on a model with
+``add_negative_source(name, source)``: its block joins every step after the adapter's own blocks (and the
+queue's), masking, MoCHi's pool and the monitors included; this file does not change.
 
 Gradient rule (``gradient``). Negatives that carry no gradient (a queue, a bank's stored vectors, MoCHi's
 synthetic points) take softmax mass from the gradient-carrying documents, so with a shared encoder each
@@ -33,7 +39,7 @@ from .bank import BankSettings, FaissNegativeBank
 from .encoders import cosine_momentum, momentum_update
 from .errors import require
 from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
-from .negatives import NO_ID, Query, Source, negative_mask
+from .negatives import NO_ID, NegativeSource, Query, Source, negative_mask
 from .queue import MomentumQueue
 
 Gradient = Literal["query_only", "joint"]
@@ -97,6 +103,7 @@ class ContrastiveCore(nn.Module):
         self.bank_settings: BankSettings | None = None
         self.replicate_bank = False
         self._generator: torch.Generator | None = None
+        self._memories: dict[str, NegativeSource] = {}  # persistent sources, in block order
 
     def _init_negatives(self, queue_size: int, dim: int, bank: BankSettings | None, bank_items: int) -> None:
         """Create the queue (K = ``queue_size``, 0 = none) and the bank over ``bank_items`` items.
@@ -105,6 +112,8 @@ class ContrastiveCore(nn.Module):
         generator, after the networks' initial weights.
         """
         self.queue = MomentumQueue(queue_size, dim) if queue_size > 0 else None
+        if self.queue is not None:
+            self._memories["queue"] = self.queue
         self.bank_settings = bank
         if bank is not None:
             wanted = bank.candidates + bank.mined_negatives + bank.skip_top
@@ -115,6 +124,24 @@ class ContrastiveCore(nn.Module):
             self.bank = FaissNegativeBank(bank.backend, bank.device)
 
     _bank_items_name, _bank_item_unit = "corpus", "documents"
+
+    def add_negative_source(self, name: str, source: NegativeSource) -> None:
+        """Register a source of negatives that lives across steps.
+
+        Each step, ``source.source(query, name)`` yields a block (after the queue's, in registration
+        order), and after the loss ``source.add(keys, ids=..., labels=...)`` takes the step's keys. A source
+        that is an ``nn.Module`` becomes a submodule named ``name``: its buffers move with the model, are
+        saved in checkpoints and are checked across processes with the queue.
+        """
+        if not isinstance(source, NegativeSource):
+            raise TypeError(f"negative source {name!r}: {type(source).__name__} does not implement "
+                            "NegativeSource (methods source(query, name) and add(keys, ids=, labels=))")
+        if not name.isidentifier() or name in self._memories or hasattr(self, name):
+            raise ValueError(f"negative source name {name!r} must be a new Python identifier "
+                             f"(taken: {sorted(self._memories)} and the model's attributes)")
+        if isinstance(source, nn.Module):
+            self.add_module(name, source)
+        self._memories[name] = source
 
     # ------------------------------------------------------------------ state
     def momentum_at(self, step: int | None) -> float:
@@ -132,8 +159,10 @@ class ContrastiveCore(nn.Module):
         return self._generator
 
     def replicated_state(self) -> dict[str, Tensor]:
-        """State every process must hold identically: the queue (and, for text, the bank's embeddings)."""
-        state = {f"queue.{n}": b for n, b in self.queue.named_buffers()} if self.queue is not None else {}
+        """State every process must hold identically: the buffers of the queue and of the other persistent
+        sources that are modules (and, for text, the bank's embeddings)."""
+        state = {f"{name}.{n}": b for name, m in self._memories.items() if isinstance(m, nn.Module)
+                 for n, b in m.named_buffers()}
         if self.replicate_bank and self.bank is not None and len(self.bank):
             state["bank.embeddings"] = self.bank.embeddings
         return state
@@ -147,8 +176,9 @@ class ContrastiveCore(nn.Module):
         nan = q.sum() * float("nan")
         return {"loss": nan, "accuracy": nan.detach()}
 
-    def _queue_source(self, query: Query) -> list[Source]:
-        return [self.queue.source(query)] if self.queue is not None else []
+    def _memory_sources(self, query: Query) -> list[Source]:
+        """This step's blocks of the persistent sources (the queue first), built before any key is written."""
+        return [memory.source(query, name) for name, memory in self._memories.items()]
 
     # ------------------------------------------------------------------ step
     def contrastive_step(self, q: Tensor, k: Tensor, sources: Sequence[Source], *, ids: Tensor | None,
@@ -212,9 +242,10 @@ class ContrastiveCore(nn.Module):
 
     @torch.no_grad()
     def write_keys(self, k: Tensor, ids: Tensor | None, groups: Tensor | None) -> None:
-        """Enqueue the step's keys (B, D) and write them into the bank rows of their ids (every process's)."""
-        if self.queue is not None:
-            self.queue.add(k, ids=ids, labels=groups)
+        """Give the step's keys (B, D) to the persistent sources (the queue: enqueue) and write them into the
+        bank rows of their ids (every process's)."""
+        for memory in self._memories.values():
+            memory.add(k, ids=ids, labels=groups)
         if self.bank is not None and self.bank_settings.update_with_keys and len(self.bank):
             all_k, all_ids = distributed.all_gather_cat(k), distributed.all_gather_cat(ids)
             known = self.bank.contains(all_ids)

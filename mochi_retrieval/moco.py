@@ -36,8 +36,14 @@ class MoCo(ContrastiveCore):
             (an older key of it) from the negatives.
         mask_same_label: also drop entries of the query's class (supervised
             masking; needs labels).
-        shuffle_bn: shuffle the key batch across processes (MoCo's shuffle BN);
-            has no effect in a single process.
+        shuffle_bn: shuffle the key batch across processes (MoCo's shuffle BN), so
+            the BatchNorm statistics a key sees come from other images than its
+            query's; in a single process this needs ``bn_splits`` > 1.
+        bn_splits: encode queries and keys in this many sub-batches, each with its
+            own BatchNorm statistics (per process), as ``bn_splits`` GPUs would; the
+            key batch is shuffled before the split (under ``shuffle_bn``). With one
+            process and 1 split, the query and its positive key are normalised over
+            the same images, the leak shuffle BN exists to close (MoCo, section 3.3).
         momentum_schedule: "constant", or "cosine" from m towards 1 over
             ``total_steps`` (BYOL).
         total_steps: length of the momentum schedule, in forward calls.
@@ -65,6 +71,7 @@ class MoCo(ContrastiveCore):
         mask_same_instance: bool = True,
         mask_same_label: bool = False,
         shuffle_bn: bool = True,
+        bn_splits: int = 1,
         momentum_schedule: str = "constant",
         total_steps: int | None = None,
         seed: int = 0,
@@ -81,12 +88,15 @@ class MoCo(ContrastiveCore):
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
         self.key_net = make_momentum_copy(self.query_net)
+        if bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
         if queue_size <= 0:
             raise ValueError(f"queue size and dim must be positive, got size={queue_size}, dim={head_out_dim}")
         self._init_negatives(queue_size, head_out_dim, bank, 0 if bank_labels is None else bank_labels.numel())
         self.mask_same_instance = mask_same_instance
         self.mask_same_label = mask_same_label
         self.shuffle_bn = shuffle_bn
+        self.bn_splits = bn_splits
         if self.bank is not None:
             g = torch.Generator().manual_seed(seed)
             init = torch.randn(bank_labels.numel(), head_out_dim, generator=g)
@@ -99,14 +109,39 @@ class MoCo(ContrastiveCore):
         """The query backbone, without the head: what evaluation and export use."""
         return self.query_net.encoder
 
+    def _split_forward(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``net`` over ``bn_splits`` consecutive sub-batches of x (B, ...) -> (B, out_dim)."""
+        if self.bn_splits == 1:
+            return net(x)
+        if x.shape[0] < 2 * self.bn_splits:
+            raise ValueError(f"bn_splits={self.bn_splits} needs a batch of at least {2 * self.bn_splits} images "
+                             f"per process (2 per BatchNorm group), got {x.shape[0]}")
+        return torch.cat([net(chunk) for chunk in torch.tensor_split(x, self.bn_splits)])
+
+    def encode_queries(self, view_q: torch.Tensor) -> torch.Tensor:
+        """(B, ...) query views -> (B, out_dim) unit queries (BatchNorm over ``bn_splits`` sub-batches)."""
+        return F.normalize(self._split_forward(self.query_net, view_q).float(), dim=1)
+
     @torch.no_grad()
-    def encode_keys(self, view_k: torch.Tensor) -> torch.Tensor:
-        """(B, ...) key views -> (B, out_dim) unit keys from the momentum network."""
+    def encode_keys(self, view_k: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """(B, ...) key views -> (B, out_dim) unit keys from the momentum network.
+
+        Under ``shuffle_bn`` the batch is permuted before the BatchNorm split (across processes when
+        there are several, else within this one, drawn from (seed, step)) and un-permuted after, so a
+        key's BatchNorm group is not its query's."""
         if self.shuffle_bn and distributed.world_size() > 1:
             shuffled, undo = distributed.shuffle_batch(view_k)
-            k = distributed.unshuffle_batch(self.key_net(shuffled), undo)
+            k = distributed.unshuffle_batch(self._split_forward(self.key_net, shuffled), undo)
+        elif self.shuffle_bn and self.bn_splits > 1:
+            generator = None
+            if step is not None:  # its own stream: the MoCHi draws stay those of (seed, step)
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + 7)
+            perm = torch.randperm(view_k.shape[0], generator=generator).to(view_k.device)
+            shuffled = self._split_forward(self.key_net, view_k[perm])  # row r is the key of image perm[r]
+            k = torch.empty_like(shuffled)
+            k[perm] = shuffled
         else:
-            k = self.key_net(view_k)
+            k = self._split_forward(self.key_net, view_k)
         return F.normalize(k.float(), dim=1)
 
     def forward(
@@ -135,18 +170,18 @@ class MoCo(ContrastiveCore):
             (K,) of the entries scored (-1 = unknown; (B, K + c) per query with a bank), and when mixing
             ran ``hard_idx``, ``pair_i``, ``pair_j``, ``query_j``.
         """
-        q = F.normalize(self.query_net(view_q).float(), dim=1)
+        q = self.encode_queries(view_q)
         diverged = self._diverged(q)
         if diverged is not None:
             return diverged
         self._momentum_step(self.query_net, self.key_net, step)
-        k = self.encode_keys(view_k)
+        k = self.encode_keys(view_k, step)
         b = q.shape[0]
         same_instance = self.mask_same_instance and ids is not None
         same_label = self.mask_same_label and labels is not None
         query = Query(q.detach(), ids.view(-1, 1) if same_instance else no_ids(b, q.device),
                       labels.view(-1, 1) if same_label else no_ids(b, q.device))
-        sources = self._queue_source(query)
+        sources = self._memory_sources(query)
         if self.bank is not None:
             sources.append(self._bank_source(q, ids))
         # Labels of the entries the logits were computed against, for diagnostics (before the keys are written).

@@ -95,11 +95,11 @@ class MomentumQueue(nn.Module):
         return values.to(device=device, dtype=torch.long)
 
     def source(self, query: Query, name: str = "queue") -> Source:
-        """This step's block: a copy of the keys (backward needs them as they were after :meth:`add`
-        overwrote some), their ids and labels, no gradient, and each query's false negatives."""
+        """This step's block: a copy of the keys, ids and labels (backward and the monitors need them as
+        they were before :meth:`add` overwrites some), no gradient, and each query's false negatives."""
         dev = self.ids.device
         mask = false_negative_mask(self.ids, self.labels, query.exclude.to(dev), query.exclude_groups.to(dev))
-        return Source(name, self.keys.clone(), self.ids, self.labels, False, mask)
+        return Source(name, self.keys.clone(), self.ids.clone(), self.labels.clone(), False, mask)
 
     def exclusion_mask(
         self, ids: torch.Tensor | None = None, labels: torch.Tensor | None = None

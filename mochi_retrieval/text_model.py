@@ -288,7 +288,7 @@ class TextMoCo(ContrastiveCore):
             vecs = self._gather(self._docs(tokens, cache))
             flat = distributed.all_gather_cat(flat.to(device))
             shared("mined", vecs, flat, self._groups_of(flat), self.shared)
-        sources += self._queue_source(Query(q.detach(), exclude, exclude_groups))
+        sources += self._memory_sources(Query(q.detach(), exclude, exclude_groups))
         if bank_vectors is not None:  # the bank excluded the query's positives; -1 = empty slot
             sources.append(Source("bank", bank_vectors.to(device), bank_ids.to(device),
                                   self._groups_of(bank_ids), False, (bank_ids < 0).to(device)))

@@ -72,3 +72,56 @@ def test_moco_config_is_the_config_section():
     assert type(ExperimentConfig().moco) is MoCoConfig
     with pytest.raises(ConfigError, match="invalid value for 'gradient'"):
         MoCoConfig(gradient="both")
+
+
+class GivenNegatives:
+    """A persistent source written outside the core: fixed vectors (no module), recording the keys it gets."""
+
+    def __init__(self, vectors):
+        self.vectors, self.received = vectors, []
+
+    def source(self, query, name):
+        b, m = query.q.shape[0], self.vectors.shape[0]
+        ids = torch.arange(100, 100 + m)
+        return Source(name, self.vectors, ids, torch.full((m,), NO_ID), False, torch.zeros(b, m, dtype=torch.bool))
+
+    def add(self, keys, ids=None, labels=None):
+        self.received.append((keys.clone(), ids))
+
+
+def test_a_registered_source_joins_every_step_after_the_queue_and_takes_the_keys():
+    torch.manual_seed(0)
+    model = MoCo(TinyEncoder(), head_hidden_dim=8, head_out_dim=4, queue_size=8, temperature=0.5)
+    given = GivenNegatives(unit(5, 4, seed=4))
+    model.add_negative_source("given", given)
+    x, ids = torch.randn(6, 3), torch.arange(6)
+    out = model(x, x + 0.01, ids=ids, step=0)
+    assert out["neg_logits"].shape == (6, 8 + 5)  # queue block first, then the registered one
+    assert torch.allclose(out["neg_logits"][:, 8:], out["q"] @ given.vectors.T, atol=1e-6)  # cosines
+    (keys, got_ids), = given.received
+    assert torch.equal(keys, out["k"]) and torch.equal(got_ids, ids)
+    # A module source's buffers join the model's state and the cross-process check, under its name.
+    memory = MomentumQueue(4, 4)
+    model.add_negative_source("memory", memory)
+    assert "memory.keys" in model.state_dict() and "memory.keys" in model.replicated_state()
+    model(x, x, ids=ids, step=1)
+    assert memory.ids.sort().values.tolist() == [2, 3, 4, 5]  # a 4-slot ring keeps the batch's last 4 keys
+
+
+def test_registering_a_source_checks_the_protocol_and_the_name():
+    model = MoCo(TinyEncoder(), head_hidden_dim=8, head_out_dim=4, queue_size=8)
+    with pytest.raises(TypeError, match="does not implement NegativeSource"):
+        model.add_negative_source("bad", object())
+    with pytest.raises(ValueError, match="'queue' must be a new Python identifier"):
+        model.add_negative_source("queue", GivenNegatives(unit(2, 4)))
+    with pytest.raises(ValueError, match="new Python identifier"):
+        model.add_negative_source("my source", GivenNegatives(unit(2, 4)))
+
+
+def test_a_queue_block_keeps_the_ids_and_labels_it_was_scored_with():
+    # The monitors read a block's ids after the step's keys were written: they must be the scored ones.
+    q = MomentumQueue(4, 4)
+    q.add(unit(4, 4), ids=torch.tensor([1, 2, 3, 4]), labels=torch.tensor([0, 0, 1, 1]))
+    block = q.source(Query(unit(1, 4), torch.tensor([[9]]), torch.tensor([[NO_ID]])))
+    q.add(unit(2, 4, seed=5), ids=torch.tensor([7, 8]), labels=torch.tensor([2, 2]))
+    assert block.ids.tolist() == [1, 2, 3, 4] and block.groups.tolist() == [0, 0, 1, 1]

@@ -40,7 +40,12 @@ class ModelConfig:
     sync_bn: bool = False
     """Convert BatchNorm layers to SyncBatchNorm in distributed runs."""
     shuffle_bn: bool = True
-    """Shuffle the key batch across ranks so BatchNorm cannot leak the positive."""
+    """Shuffle the key batch (across ranks; within the process when ``bn_splits`` > 1) so BatchNorm cannot
+    leak the positive."""
+    bn_splits: int = 1
+    """Images: encode each process's queries and keys in this many sub-batches with their own BatchNorm
+    statistics, as this many GPUs would (MoCo's single-GPU demo uses 8). In one process, shuffle BN needs
+    it > 1; the batch per process must hold at least 2 images per split."""
     grad_cache_chunk: Optional[int] = None
     """Text: encode a step's texts in chunks of this many with GradCache (same gradient, memory of one
     chunk, one extra forward pass); null = one pass. One process only."""
@@ -49,6 +54,7 @@ class ModelConfig:
         require(bool(self.encoder), "encoder", "a non-empty name", self.encoder)
         require(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk", ">= 1 or null",
                  self.grad_cache_chunk)
+        require(self.bn_splits >= 1, "bn_splits", ">= 1", self.bn_splits)
         require(self.head_hidden_dim > 0, "head_hidden_dim", "> 0", self.head_hidden_dim)
         require(self.head_out_dim > 0, "head_out_dim", "> 0", self.head_out_dim)
         require(self.head_layers >= 1, "head_layers", ">= 1", self.head_layers)
@@ -278,6 +284,9 @@ class ExperimentConfig:
         require(bool(self.output_dir), "output_dir", "a non-empty path", self.output_dir)
         if not self.data.is_text:
             require(self.moco.queue_size > 0, "moco.queue_size", "> 0 for image runs", self.moco.queue_size)
+            require(self.train.batch_size >= 2 * self.model.bn_splits, "model.bn_splits",
+                     f"at most half of train.batch_size ({self.train.batch_size}): 2 images per BatchNorm group",
+                     self.model.bn_splits)
             require(not self.bank.enabled or self.bank.refresh_every == 0, "bank.refresh_every",
                      "0 for image runs (an image bank is kept fresh by each batch's keys)", self.bank.refresh_every)
             require(not self.bank.enabled or self.bank.update_with_keys, "bank.update_with_keys",
@@ -286,6 +295,9 @@ class ExperimentConfig:
                      "0 for image runs (re-encoding mined texts is a text feature)", self.bank.mined_negatives)
             require(not self.bank.enabled or self.bank.candidates >= 1, "bank.candidates", ">= 1 for image runs",
                      self.bank.candidates)
+        if self.data.is_text:
+            require(self.model.bn_splits == 1, "model.bn_splits", "1 for text runs (text encoders have no BatchNorm)",
+                     self.model.bn_splits)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")
