@@ -35,3 +35,9 @@ def test_bring_your_own_encoder_example_runs(tmp_path, monkeypatch):
         _REGISTRY.pop("tiny_cnn", None)
     assert (tmp_path / "runs/tiny_cnn/results.json").is_file()
     assert scope["out"]["loss"].requires_grad
+
+
+def test_your_own_negative_source_example_runs():
+    scope: dict = {}
+    exec(python_block("Your own negative source"), scope)
+    assert scope["out"]["neg_logits"].shape == (4, 64 + 10)
