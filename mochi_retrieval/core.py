@@ -60,6 +60,9 @@ class MoCoConfig:
     """Softmax temperature T of the InfoNCE logits."""
     mask_same_label: bool = False
     """Mask queue entries that share the query's label (false negatives), when labels exist."""
+    symmetric: bool = False
+    """Images: both views are queries, each scored against the other's key (the loss averages the two
+    directions, and both keys are enqueued), as in MoCo v3 and MoCo's CIFAR demo; about twice a step's cost."""
     in_batch_negatives: bool = True
     """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
     max_neg_pos_ratio: float | None = None

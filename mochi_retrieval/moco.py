@@ -36,6 +36,8 @@ class MoCo(ContrastiveCore):
             (an older key of it) from the negatives.
         mask_same_label: also drop entries of the query's class (supervised
             masking; needs labels).
+        symmetric: both views are queries, each against the other's key (a batch of
+            2B queries: the two directions' mean loss; both keys are enqueued).
         shuffle_bn: shuffle the key batch across processes (MoCo's shuffle BN), so
             the BatchNorm statistics a key sees come from other images than its
             query's; in a single process this needs ``bn_splits`` > 1.
@@ -72,6 +74,7 @@ class MoCo(ContrastiveCore):
         mask_same_label: bool = False,
         shuffle_bn: bool = True,
         bn_splits: int = 1,
+        symmetric: bool = False,
         momentum_schedule: str = "constant",
         total_steps: int | None = None,
         seed: int = 0,
@@ -83,7 +86,8 @@ class MoCo(ContrastiveCore):
         if mochi is not None and mochi.n_hard > queue_size:
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
         settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
-                              temperature=temperature, mask_same_label=mask_same_label, gradient="joint")
+                              temperature=temperature, mask_same_label=mask_same_label, gradient="joint",
+                              symmetric=symmetric)
         super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
@@ -123,19 +127,20 @@ class MoCo(ContrastiveCore):
         return F.normalize(self._split_forward(self.query_net, view_q).float(), dim=1)
 
     @torch.no_grad()
-    def encode_keys(self, view_k: torch.Tensor, step: int | None = None) -> torch.Tensor:
+    def encode_keys(self, view_k: torch.Tensor, step: int | None = None, stream: int = 0) -> torch.Tensor:
         """(B, ...) key views -> (B, out_dim) unit keys from the momentum network.
 
         Under ``shuffle_bn`` the batch is permuted before the BatchNorm split (across processes when
         there are several, else within this one, drawn from (seed, step)) and un-permuted after, so a
-        key's BatchNorm group is not its query's."""
+        key's BatchNorm group is not its query's. ``stream`` tells apart the draws of two key batches of one
+        step (the symmetric loss)."""
         if self.shuffle_bn and distributed.world_size() > 1:
             shuffled, undo = distributed.shuffle_batch(view_k)
             k = distributed.unshuffle_batch(self._split_forward(self.key_net, shuffled), undo)
         elif self.shuffle_bn and self.bn_splits > 1:
             generator = None
             if step is not None:  # its own stream: the MoCHi draws stay those of (seed, step)
-                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + 7)
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + 7 + stream)
             perm = torch.randperm(view_k.shape[0], generator=generator).to(view_k.device)
             shuffled = self._split_forward(self.key_net, view_k[perm])  # row r is the key of image perm[r]
             k = torch.empty_like(shuffled)
@@ -171,11 +176,17 @@ class MoCo(ContrastiveCore):
             ran ``hard_idx``, ``pair_i``, ``pair_j``, ``query_j``.
         """
         q = self.encode_queries(view_q)
+        if self.settings.symmetric:  # view_k's query scores view_q's key: one batch of 2B queries
+            q = torch.cat([q, self.encode_queries(view_k)])
         diverged = self._diverged(q)
         if diverged is not None:
             return diverged
         self._momentum_step(self.query_net, self.key_net, step)
         k = self.encode_keys(view_k, step)
+        if self.settings.symmetric:
+            k = torch.cat([k, self.encode_keys(view_q, step, stream=1)])
+            ids = None if ids is None else ids.repeat(2)
+            labels = None if labels is None else labels.repeat(2)
         b = q.shape[0]
         same_instance = self.mask_same_instance and ids is not None
         same_label = self.mask_same_label and labels is not None
@@ -197,6 +208,8 @@ class MoCo(ContrastiveCore):
             "neg_logits": out.neg_logits.detach(),
             "queue_labels": queue_labels,
         }
+        if labels is not None:
+            result["query_labels"] = labels  # (2B,) when symmetric
         if out.plan is not None:
             result.update(hard_idx=out.plan.hard_idx, pair_i=out.plan.pair_i, pair_j=out.plan.pair_j,
                           query_j=out.plan.query_j)

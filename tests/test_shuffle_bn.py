@@ -86,3 +86,28 @@ def test_bad_splits_are_named():
         from_dict(ExperimentConfig, {"model": {"bn_splits": 3}, "train": {"batch_size": 4}})
     with pytest.raises(ConfigError, match="model.bn_splits"):
         from_dict(ExperimentConfig, {"model": {"bn_splits": 2}, "data": {"dataset": "debian"}})
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions_written_out():
+    torch.manual_seed(0)
+    enc = nn.Linear(5, 6)
+    enc.output_dim = 6
+    model = MoCo(enc, head_hidden_dim=8, head_out_dim=4, queue_size=16, temperature=0.3, momentum=1.0,
+                 symmetric=True)
+    qnet, knet = copy.deepcopy(model.query_net), copy.deepcopy(model.key_net)
+    queue = model.queue.keys.clone()
+    x1, x2 = torch.randn(3, 5), torch.randn(3, 5)
+    out = model(x1, x2, ids=torch.arange(3), step=0)
+    norm = lambda t: F.normalize(t, dim=1)  # noqa: E731
+    q1, q2, k1, k2 = norm(qnet(x1)), norm(qnet(x2)), norm(knet(x1)), norm(knet(x2))
+
+    def direction(q, k):  # -log softmax of the positive among [q.k, q.queue] / T, per query
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) / 0.3
+        return -logits.log_softmax(1)[:, 0]
+
+    expected = torch.cat([direction(q1, k2), direction(q2, k1)]).mean()
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    assert torch.allclose(model.queue.keys[:6], torch.cat([k2, k1]), atol=1e-6)  # both keys enqueued
+    assert model.queue.ids[:6].tolist() == [0, 1, 2, 0, 1, 2]
+    with pytest.raises(ConfigError, match="moco.symmetric"):
+        from_dict(ExperimentConfig, {"moco": {"symmetric": True}, "data": {"dataset": "debian"}})

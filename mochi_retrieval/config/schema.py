@@ -298,6 +298,8 @@ class ExperimentConfig:
         if self.data.is_text:
             require(self.model.bn_splits == 1, "model.bn_splits", "1 for text runs (text encoders have no BatchNorm)",
                      self.model.bn_splits)
+            require(not self.moco.symmetric, "moco.symmetric", "false for text runs (an image option)",
+                     self.moco.symmetric)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")

@@ -64,17 +64,21 @@ def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int,
         encoder, head_hidden_dim=m.head_hidden_dim, head_out_dim=m.head_out_dim, head_layers=m.head_layers,
         queue_size=cfg.moco.queue_size, momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
         mochi=cfg.mochi.settings(), mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
-        bn_splits=m.bn_splits,
+        bn_splits=m.bn_splits, symmetric=cfg.moco.symmetric,
         momentum_schedule=cfg.moco.momentum_schedule, total_steps=cfg.train.epochs * batches_per_epoch,
         seed=cfg.seed, bank_labels=bank_labels, bank=cfg.bank.settings())
     if m.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world == 1 and m.shuffle_bn and not m.sync_bn and m.bn_splits == 1:
+        logger.warning("model.shuffle_bn has no effect in one process with model.bn_splits=1: each query and its "
+                       "positive key are normalised over the same images (BatchNorm leaks the positive); set "
+                       "model.bn_splits (e.g. 4) to emulate that many GPUs")
     return model
 
 
 def make_step_hook(cfg: ExperimentConfig) -> Callable[..., dict[str, float]]:
     def hook(step: int, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict[str, float]:
-        return step_diagnostics(out, batch.get("labels"), cfg.mochi.n_hard)
+        return step_diagnostics(out, out.get("query_labels", batch.get("labels")), cfg.mochi.n_hard)
     return hook
 
 
