@@ -66,7 +66,7 @@ class MoCoConfig:
     in_batch_negatives: bool = True
     """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
     max_neg_pos_ratio: float | None = None
-    """Text: mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives)."""
+    """Mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives); null = off."""
     gradient: Gradient = "query_only"
     """Text, shared encoder: detached negatives (queue, bank vectors, MoCHi) score the query only and the
     documents get the in-batch (and mined) term's gradient ("query_only"), or one softmax over all ("joint")."""

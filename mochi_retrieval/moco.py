@@ -36,6 +36,9 @@ class MoCo(ContrastiveCore):
             (an older key of it) from the negatives.
         mask_same_label: also drop entries of the query's class (supervised
             masking; needs labels).
+        max_neg_pos_ratio: mask every negative with q.n above this share of the
+            query's q.k (an unsupervised false-negative ceiling: near duplicates of
+            the query score above its positive); None = off.
         symmetric: both views are queries, each against the other's key (a batch of
             2B queries: the two directions' mean loss; both keys are enqueued).
         shuffle_bn: shuffle the key batch across processes (MoCo's shuffle BN), so
@@ -75,6 +78,7 @@ class MoCo(ContrastiveCore):
         shuffle_bn: bool = True,
         bn_splits: int = 1,
         symmetric: bool = False,
+        max_neg_pos_ratio: float | None = None,
         momentum_schedule: str = "constant",
         total_steps: int | None = None,
         seed: int = 0,
@@ -87,7 +91,7 @@ class MoCo(ContrastiveCore):
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
         settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
                               temperature=temperature, mask_same_label=mask_same_label, gradient="joint",
-                              symmetric=symmetric)
+                              symmetric=symmetric, max_neg_pos_ratio=max_neg_pos_ratio)
         super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
@@ -198,7 +202,8 @@ class MoCo(ContrastiveCore):
         # Labels of the entries the logits were computed against, for diagnostics (before the keys are written).
         queue_labels = self.queue.labels.clone() if len(sources) == 1 else torch.cat(
             [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
-        out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False)
+        out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False,
+                                          max_neg_pos_ratio=self.settings.max_neg_pos_ratio)
         result = {
             "loss": loss,
             "accuracy": out.accuracy,

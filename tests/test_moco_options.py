@@ -1,5 +1,6 @@
-"""Shuffle BN in one process (``bn_splits``): BatchNorm statistics per sub-batch, the key batch shuffled
-before the split, as that many GPUs would compute them. Checked against per-group forwards written out."""
+"""MoCo image options, each checked against a reference written out: shuffle BN in one process (``bn_splits``:
+BatchNorm statistics per sub-batch, the key batch shuffled before the split), the symmetric loss, and the
+positive-aware ceiling (``max_neg_pos_ratio``) on image negatives."""
 import copy
 
 import pytest
@@ -111,3 +112,21 @@ def test_symmetric_loss_is_the_mean_of_both_directions_written_out():
     assert model.queue.ids[:6].tolist() == [0, 1, 2, 0, 1, 2]
     with pytest.raises(ConfigError, match="moco.symmetric"):
         from_dict(ExperimentConfig, {"moco": {"symmetric": True}, "data": {"dataset": "debian"}})
+
+
+def test_image_ceiling_masks_negatives_scoring_above_the_positive():
+    torch.manual_seed(0)
+    enc = nn.Linear(5, 6)
+    enc.output_dim = 6
+    model = MoCo(enc, head_hidden_dim=8, head_out_dim=4, queue_size=8, temperature=0.3, momentum=1.0,
+                 max_neg_pos_ratio=1.0)
+    qnet, knet = copy.deepcopy(model.query_net), copy.deepcopy(model.key_net)
+    x1, x2 = torch.randn(3, 5), torch.randn(3, 5)
+    q, k = F.normalize(qnet(x1), dim=1), F.normalize(knet(x2), dim=1)
+    model.queue.keys[0] = q[0].detach()  # a near duplicate of query 0: q.n = 1 > q.k
+    queue = model.queue.keys.clone()
+    out = model(x1, x2, ids=torch.arange(3), step=0)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1)
+    logits[:, 1:][logits[:, 1:] > logits[:, :1]] = float("-inf")  # the ceiling, written out
+    expected = -(logits / 0.3).log_softmax(1)[:, 0].mean()
+    assert torch.isinf(logits[0, 1]) and torch.allclose(out["loss"], expected, atol=1e-5)
