@@ -117,9 +117,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_fmnist_dir, tmp_path, cap
 
     register_encoder("test_nan_after", NaNAfter, override=True)
     out = tmp_path / "run"
-    # 6 steps per epoch; the encoder breaks at step 9, after the epoch-1 checkpoint.
+    # 6 steps per epoch; the encoder breaks at step 9, after the epoch-1 checkpoint. It counts forward calls:
+    # one per step needs one BatchNorm group (the config's bn_splits would call it once per group).
     args = tiny_overrides(tiny_fmnist_dir, out, **{"model.encoder": "test_nan_after", "model.encoder_kwargs": "{}",
-                                                   "eval.linear_probe": "false", "train.epochs": 3})
+                                                   "eval.linear_probe": "false", "train.epochs": 3,
+                                                   "model.bn_splits": 1})
     assert train.main([str(CONFIG), *args]) == 1
     err = capsys.readouterr().err
     assert "loss is nan at step 8" in err and "Traceback" not in err
