@@ -200,7 +200,7 @@ class MoCo(ContrastiveCore):
         if self.bank is not None:
             sources.append(self._bank_source(q, ids))
         # Labels of the entries the logits were computed against, for diagnostics (before the keys are written).
-        queue_labels = self.queue.labels.clone() if len(sources) == 1 else torch.cat(
+        queue_labels = sources[0].groups if len(sources) == 1 else torch.cat(  # the queue block holds a copy
             [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
         out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False,
                                           max_neg_pos_ratio=self.settings.max_neg_pos_ratio)
