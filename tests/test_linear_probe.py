@@ -58,7 +58,26 @@ def test_matches_sklearn_with_c_chosen_on_held_out(n_train: int) -> None:
     sk_pred, sk_wd = _sklearn_chosen_the_same_way(xtr, ytr, xte)
     ref = float((sk_pred == yte.numpy()).mean())
     assert abs(ours - ref) <= 0.005, (ours, ref, probe.weight_decay, sk_wd)
-    assert len(probe.holdout_top1) == len(DEFAULT_WEIGHT_DECAYS)
+
+
+def test_the_path_stops_after_patience_values_that_do_not_beat_the_best() -> None:
+    """The early stop scores a prefix of the whole path (the same fits, warm-started alike), ends
+    exactly ``patience`` values past its best, and with the default chooses what the whole grid chooses."""
+    xtr, ytr, _, _ = _synthetic(3000)
+    whole = fit_linear_probe(xtr, ytr, 10, patience=None)
+    assert list(whole.holdout_top1) == sorted(DEFAULT_WEIGHT_DECAYS, reverse=True)
+    for patience in (1, 3):
+        early = fit_linear_probe(xtr, ytr, 10, patience=patience)
+        tried = list(early.holdout_top1)
+        assert tried == list(whole.holdout_top1)[: len(tried)]
+        assert [early.holdout_top1[wd] for wd in tried] == [whole.holdout_top1[wd] for wd in tried]
+        assert len(tried) < len(DEFAULT_WEIGHT_DECAYS), "the synthetic held-out curve has a peak inside the grid"
+        best_at = tried.index(early.weight_decay)
+        assert len(tried) - 1 - best_at == patience
+        assert all(early.holdout_top1[wd] <= early.holdout_top1[early.weight_decay] for wd in tried[best_at:])
+    # On this curve (a local peak at 3e-1, the best at 3e-3) one value of patience stops at the local
+    # peak; the default's three reach the whole grid's choice.
+    assert fit_linear_probe(xtr, ytr, 10).weight_decay == whole.weight_decay
 
 
 def _objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, wd: float) -> float:
@@ -144,5 +163,8 @@ def test_bad_settings_and_test_split() -> None:
         fit_linear_probe(x, y, 3, holdout_fraction=1.0)
     with pytest.raises(EvalInputError, match="weight_decays"):
         fit_linear_probe(x, y, 3, weight_decays=[])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(EvalInputError, match="patience"):
+            fit_linear_probe(x, y, 3, patience=bad)
     with pytest.raises(EvalInputError, match="test features and labels differ"):
         linear_probe_top1(Features(x, y, x, y[:5], 3))
