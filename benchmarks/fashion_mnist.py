@@ -22,7 +22,14 @@ Rows (``--rows``, all four by default):
   the paper's oracle: what the false negatives cost;
 - ``bank``: MoCHi + the image FAISS bank (``bank.enabled=true``).
 
-    python benchmarks/fashion_mnist.py [--seeds 0 1 2] [--rows moco mochi] [--no-floors] [train overrides ...]
+A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation's run folder
+(``<out>/<row>_seed<seed>/bench.json``) when that run's resolved config equals this one's (output
+folder aside), and a floor from ``<out>/floors/`` when its inputs are equal; the table says which
+rows were reused. So the rows can be trained as separate processes side by side (``--rows moco
+--seeds 1 --no-floors``; ``--rows`` with no value computes only the floors) and gathered by one
+``--reuse`` invocation, which still measures the side-by-side step timing itself.
+
+    python benchmarks/fashion_mnist.py [--seeds 0 1 2] [--rows moco mochi] [--no-floors] [--reuse] [overrides ...]
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from common import append_results, interleaved_medians, markdown_table
 
 from mochi_retrieval import train
 from mochi_retrieval.config import load_config
+from mochi_retrieval.config.engine import to_dict
 from mochi_retrieval.data.fashion_mnist import FASHION_MNIST_STATS, load_fashion_mnist
 from mochi_retrieval.eval.features import Features
 from mochi_retrieval.eval.knn import knn_top1
@@ -64,25 +72,56 @@ def pixel_features(root: str, standardise: bool, limit: int | None = None) -> Fe
     return Features(flat(tr), tr_y[:limit].long(), flat(te), te_y[:limit].long(), 10)
 
 
-def floor_rows(cfg, seeds: list[int], overrides: list[str]) -> list[list[object]]:
-    """Pixel kNN (raw, standardised), pixel logistic regression, random-init network per seed."""
+def _cached_row(folder: Path, name: str, inputs: dict, compute, reuse: bool) -> tuple[list[object], bool]:
+    """``compute()``'s table row, saved to ``folder/name.json`` with its inputs; with ``reuse``, the saved
+    row when the inputs are equal (then True)."""
+    path = folder / f"{name}.json"
+    if reuse and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["inputs"] == inputs:
+            return saved["row"], True
+    row = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"inputs": inputs, "row": row}, indent=2) + "\n")
+    return row, False
+
+
+def _mark_reused(row: list[object], reused: bool) -> list[object]:
+    """The wall-time cell (index 4) says when a row comes from an earlier invocation."""
+    return [*row[:4], f"{row[4]} (earlier run)", *row[5:]] if reused else row
+
+
+def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: bool) -> list[list[object]]:
+    """Pixel kNN (raw, standardised), pixel logistic regression, random-init network per seed.
+
+    Each row is saved under ``cache`` with its inputs; with ``reuse`` it is taken from there when they are equal."""
     e, rows = cfg.eval, []
     for name, std in (("raw pixels in [0, 1] (floor)", False), ("standardised pixels (floor)", True)):
-        start = time.perf_counter()
-        feats = pixel_features(cfg.data.root, std, e.limit)
-        knn = knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels, e.knn_k, e.knn_temperature, 10)
-        linear = "-"
-        if std:  # the probe standardises per feature anyway: one logistic regression on pixels
-            linear = f"{linear_probe_top1(feats):.4f}"
-        rows.append([name, "-", f"{knn:.4f}", linear, f"{time.perf_counter() - start:.0f}", "-", "-"])
+        def pixels(name=name, std=std):
+            start = time.perf_counter()
+            feats = pixel_features(cfg.data.root, std, e.limit)
+            knn = knn_top1(feats.train, feats.train_labels, feats.test, feats.test_labels, e.knn_k,
+                           e.knn_temperature, 10)
+            linear = "-"
+            if std:  # the probe standardises per feature anyway: one logistic regression on pixels
+                linear = f"{linear_probe_top1(feats):.4f}"
+            return [name, "-", f"{knn:.4f}", linear, f"{time.perf_counter() - start:.0f}", "-", "-"]
+        inputs = {"root": cfg.data.root, "limit": e.limit, "k": e.knn_k, "T": e.knn_temperature, "std": std}
+        row, reused = _cached_row(cache, f"pixels_std{int(std)}", inputs, pixels, reuse)
+        rows.append(_mark_reused(row, reused))
     for seed in seeds:
-        start = time.perf_counter()
         scfg = load_config(CONFIG, [*overrides, f"seed={seed}", "eval.linear_probe=true"])
-        torch.manual_seed(seed)  # what the training program does before building the model
-        model = build_model(scfg, 1, 1)
-        r = Evaluator(scfg, torch.device("cpu")).final(model.encoder)
-        rows.append([f"random-init {scfg.model.encoder} (floor)", seed, f"{r['knn_top1']:.4f}",
-                     f"{r['linear_top1']:.4f}", f"{time.perf_counter() - start:.0f}", "-", "-"])
+
+        def random_init(scfg=scfg, seed=seed):
+            start = time.perf_counter()
+            torch.manual_seed(seed)  # what the training program does before building the model
+            model = build_model(scfg, 1, 1)
+            r = Evaluator(scfg, torch.device("cpu")).final(model.encoder)
+            return [f"random-init {scfg.model.encoder} (floor)", seed, f"{r['knn_top1']:.4f}",
+                    f"{r['linear_top1']:.4f}", f"{time.perf_counter() - start:.0f}", "-", "-"]
+        inputs = {k: v for k, v in to_dict(scfg).items() if k != "output_dir"}
+        row, reused = _cached_row(cache, f"random_init_seed{seed}", inputs, random_init, reuse)
+        rows.append(_mark_reused(row, reused))
     return rows
 
 
@@ -154,7 +193,28 @@ def monitors_text(m: dict) -> str:
     return ", ".join(parts)
 
 
-def train_run(overrides: list[str], out: Path) -> dict:
+def _resolved(cfg) -> dict:
+    """The resolved config as a dict, without what does not change the result (output folder, resume)."""
+    d = to_dict(cfg)
+    d.pop("output_dir")
+    d["train"].pop("resume")
+    return d
+
+
+def reusable(overrides: list[str], out: Path) -> dict | None:
+    """The bench.json of an earlier run in ``out`` with the same resolved config, else None."""
+    bench, saved = out / "bench.json", out / "config.yaml"
+    if not (bench.is_file() and saved.is_file()):
+        return None
+    if _resolved(load_config(saved)) != _resolved(load_config(CONFIG, overrides)):
+        print(f"{out}: config differs from this invocation's; training again")
+        return None
+    return json.loads(bench.read_text())
+
+
+def train_run(overrides: list[str], out: Path, reuse: bool = False) -> dict:
+    if reuse and (earlier := reusable(overrides, out)) is not None:
+        return {**earlier, "reused": True}
     start = time.perf_counter()
     code = train.main([str(CONFIG), *overrides, f"output_dir={out}", "train.resume=false"])
     if code != 0:
@@ -177,12 +237,15 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="variants to train")
+    p.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS),
+                   help="variants to train (none: only the floors)")
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="pixel and random-network floors in the same run")
     p.add_argument("--timing-steps", type=int, default=15, help="side-by-side MoCHi/MoCo steps (0: skip)")
     p.add_argument("--out", default="runs/bench_fashion_mnist")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--reuse", action="store_true",
+                   help="take rows and floors from earlier invocations' folders under --out when their configs match")
     p.add_argument("--timing-only", action="store_true", help="only the side-by-side step and loader timings")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every row, e.g. train.epochs=2")
     args = p.parse_args()
@@ -196,17 +259,18 @@ def main() -> None:
         if not args.no_write:
             append_results("fashion_mnist: step timing only", f"{args.timing_steps} interleaved steps each\n\n{side}")
         return
-    rows = floor_rows(cfg, args.seeds, args.overrides) if args.floors else []
+    rows = floor_rows(cfg, args.seeds, args.overrides, Path(args.out) / "floors", args.reuse) if args.floors else []
     summary: dict[str, dict[str, list[float]]] = {}
     for seed in args.seeds:
         for key in args.rows:
             name, extra = ROWS[key]
             out = Path(args.out) / f"{key}_seed{seed}"
-            r = train_run([*args.overrides, *extra, f"seed={seed}"], out)
+            r = train_run([*args.overrides, *extra, f"seed={seed}"], out, args.reuse)
             linear = r.get("linear_top1")
-            rows.append([name, seed, f"{r['knn_top1']:.4f}", "-" if linear is None else f"{linear:.4f}",
-                         f"{r['wall_s']:.0f}", monitors_text(r["monitors"]),
-                         " ".join(f"{v:.3f}" for v in r["monitors"].get("knn_monitor", []))])
+            rows.append(_mark_reused([name, seed, f"{r['knn_top1']:.4f}", "-" if linear is None else f"{linear:.4f}",
+                                      f"{r['wall_s']:.0f}", monitors_text(r["monitors"]),
+                                      " ".join(f"{v:.3f}" for v in r["monitors"].get("knn_monitor", []))],
+                                     r.get("reused", False)))
             s = summary.setdefault(name, {"knn": [], "linear": [], "wall": []})
             s["knn"].append(r["knn_top1"])
             s["wall"].append(r["wall_s"])
@@ -226,7 +290,8 @@ def main() -> None:
               f"m={cfg.moco.momentum}, crop scale {list(cfg.data.crop_scale)}, blur p {cfg.data.blur_prob}, "
               f"jitter {cfg.data.jitter}; MoCHi({cfg.mochi.n_hard}, {cfg.mochi.n_mix}, {cfg.mochi.n_query_mix}) "
               f"after {cfg.mochi.warmup_epochs} epochs; seeds {args.seeds}. Wall times are seconds on this shared "
-              f"machine (training + final evaluation; floors: features + kNN + probe).")
+              f"machine (training + final evaluation; floors: features + kNN + probe); \"earlier run\": trained or "
+              f"computed by an earlier invocation with the same resolved config (--reuse).")
     print(table, "\n\n", side, sep="")
     if not args.no_write:
         body = f"{budget}\n\n{table}" + (f"\n\n{side}" if side else "")
