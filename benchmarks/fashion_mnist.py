@@ -234,6 +234,24 @@ def spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def paired_differences(summary: dict[str, dict[str, list[float]]], seeds: list[int]) -> list[list[str]]:
+    """Each row against MoCo-v2, seed by seed (rows trained on every seed only), in points."""
+    base = summary.get(ROWS["moco"][0])
+    out = []
+    for name, s in summary.items():
+        if base is None or name == ROWS["moco"][0] or len(s["knn"]) != len(seeds) or len(base["knn"]) != len(seeds):
+            continue
+        cells = []
+        for metric in ("knn", "linear"):
+            if len(s[metric]) != len(base[metric]) or not s[metric]:
+                cells.append("-")
+                continue
+            d = [100 * (a - b) for a, b in zip(s[metric], base[metric])]
+            cells.append(f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}")
+        out.append([f"{name} − MoCo-v2", *cells])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -285,6 +303,10 @@ def main() -> None:
             ["method", "seeds", "kNN mean ± sd", "linear mean ± sd", "wall s (mean)"],
             [[name, len(s["knn"]), spread(s["knn"]), spread(s["linear"]), f"{statistics.fmean(s['wall']):.0f}"]
              for name, s in summary.items()])
+        paired = paired_differences(summary, args.seeds)
+        if paired:
+            header = ["difference, paired by seed (points)", "kNN mean ± sd", "linear mean ± sd"]
+            table += "\n\n" + markdown_table(header, paired)
     budget = (f"budget: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
               f"{cfg.model.encoder} {cfg.model.encoder_kwargs}, K={cfg.moco.queue_size}, T={cfg.moco.temperature}, "
               f"m={cfg.moco.momentum}, crop scale {list(cfg.data.crop_scale)}, blur p {cfg.data.blur_prob}, "
