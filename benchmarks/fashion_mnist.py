@@ -27,7 +27,8 @@ A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation
 folder aside), and a floor from ``<out>/floors/`` when its inputs are equal; the table says which
 rows were reused. So the rows can be trained as separate processes side by side (``--rows moco
 --seeds 1 --no-floors``; ``--rows`` with no value computes only the floors) and gathered by one
-``--reuse`` invocation, which still measures the side-by-side step timing itself.
+``--reuse`` invocation, which still measures the side-by-side step timing itself. ``--gather-only``
+(implies ``--reuse``) trains nothing: rows without a matching earlier run are left out and named.
 
     python benchmarks/fashion_mnist.py [--seeds 0 1 2] [--rows moco mochi] [--no-floors] [--reuse] [overrides ...]
 """
@@ -264,9 +265,12 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--reuse", action="store_true",
                    help="take rows and floors from earlier invocations' folders under --out when their configs match")
+    p.add_argument("--gather-only", action="store_true",
+                   help="--reuse, and leave out (and name) rows without a matching earlier run instead of training")
     p.add_argument("--timing-only", action="store_true", help="only the side-by-side step and loader timings")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every row, e.g. train.epochs=2")
     args = p.parse_args()
+    args.reuse = args.reuse or args.gather_only
     cfg = load_config(CONFIG, args.overrides)
 
     side = ""
@@ -279,11 +283,16 @@ def main() -> None:
         return
     rows = floor_rows(cfg, args.seeds, args.overrides, Path(args.out) / "floors", args.reuse) if args.floors else []
     summary: dict[str, dict[str, list[float]]] = {}
+    missing: list[str] = []
     for seed in args.seeds:
         for key in args.rows:
             name, extra = ROWS[key]
             out = Path(args.out) / f"{key}_seed{seed}"
-            r = train_run([*args.overrides, *extra, f"seed={seed}"], out, args.reuse)
+            row_overrides = [*args.overrides, *extra, f"seed={seed}"]
+            if args.gather_only and reusable(row_overrides, out) is None:
+                missing.append(f"{key} seed {seed}")
+                continue
+            r = train_run(row_overrides, out, args.reuse)
             linear = r.get("linear_top1")
             rows.append(_mark_reused([name, seed, f"{r['knn_top1']:.4f}", "-" if linear is None else f"{linear:.4f}",
                                       f"{r['wall_s']:.0f}", monitors_text(r["monitors"]),
@@ -307,6 +316,8 @@ def main() -> None:
         if paired:
             header = ["difference, paired by seed (points)", "kNN mean ± sd", "linear mean ± sd"]
             table += "\n\n" + markdown_table(header, paired)
+    if missing:
+        table += "\n\nNot run (no finished earlier run with this config): " + ", ".join(missing) + "."
     budget = (f"budget: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.lr}, "
               f"{cfg.model.encoder} {cfg.model.encoder_kwargs}, K={cfg.moco.queue_size}, T={cfg.moco.temperature}, "
               f"m={cfg.moco.momentum}, crop scale {list(cfg.data.crop_scale)}, blur p {cfg.data.blur_prob}, "
