@@ -208,7 +208,7 @@ def reusable(overrides: list[str], out: Path) -> dict | None:
     if not (bench.is_file() and saved.is_file()):
         return None
     if _resolved(load_config(saved)) != _resolved(load_config(CONFIG, overrides)):
-        print(f"{out}: config differs from this invocation's; training again")
+        print(f"{out}: its config differs from this invocation's; not reused")
         return None
     return json.loads(bench.read_text())
 
