@@ -213,9 +213,7 @@ def reusable(overrides: list[str], out: Path) -> dict | None:
     return json.loads(bench.read_text())
 
 
-def train_run(overrides: list[str], out: Path, reuse: bool = False) -> dict:
-    if reuse and (earlier := reusable(overrides, out)) is not None:
-        return {**earlier, "reused": True}
+def train_run(overrides: list[str], out: Path) -> dict:
     start = time.perf_counter()
     code = train.main([str(CONFIG), *overrides, f"output_dir={out}", "train.resume=false"])
     if code != 0:
@@ -289,10 +287,11 @@ def main() -> None:
             name, extra = ROWS[key]
             out = Path(args.out) / f"{key}_seed{seed}"
             row_overrides = [*args.overrides, *extra, f"seed={seed}"]
-            if args.gather_only and reusable(row_overrides, out) is None:
+            earlier = reusable(row_overrides, out) if args.reuse else None
+            if earlier is None and args.gather_only:
                 missing.append(f"{key} seed {seed}")
                 continue
-            r = train_run(row_overrides, out, args.reuse)
+            r = {**earlier, "reused": True} if earlier is not None else train_run(row_overrides, out)
             linear = r.get("linear_top1")
             rows.append(_mark_reused([name, seed, f"{r['knn_top1']:.4f}", "-" if linear is None else f"{linear:.4f}",
                                       f"{r['wall_s']:.0f}", monitors_text(r["monitors"]),
