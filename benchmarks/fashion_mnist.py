@@ -14,12 +14,14 @@ the mean and spread over seeds when there are several. Also, in the same run:
 - images/s of the data pipeline alone (two augmented views per image) against
   images/s of the training step.
 
-Rows (``--rows``, all four by default):
+Rows (``--rows``, all five by default):
 
 - ``moco``: plain MoCo-v2 (``mochi.enabled=false``);
 - ``mochi``: MoCo-v2 + MoCHi (the config's settings);
 - ``oracle``: MoCHi with same-class queue entries masked (``moco.mask_same_label=true``),
   the paper's oracle: what the false negatives cost;
+- ``moco_oracle``: plain MoCo-v2 with the same mask: against ``oracle``, what MoCHi adds once its hard
+  pool holds no false negatives;
 - ``bank``: MoCHi + the image FAISS bank (``bank.enabled=true``).
 
 A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation's run folder
@@ -59,8 +61,13 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "moco": ("MoCo-v2", ["mochi.enabled=false"]),
     "mochi": ("MoCo-v2 + MoCHi", ["mochi.enabled=true"]),
     "oracle": ("MoCHi + oracle (same class masked)", ["mochi.enabled=true", "moco.mask_same_label=true"]),
+    "moco_oracle": ("MoCo-v2 + oracle (same class masked)", ["mochi.enabled=false", "moco.mask_same_label=true"]),
     "bank": ("MoCHi + image FAISS bank", ["mochi.enabled=true", "bank.enabled=true"]),
 }
+#: Differences reported paired by seed (row, baseline): MoCHi's effect with and without false negatives in its
+#: pool, what the false negatives cost, and what the bank adds.
+PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("moco_oracle", "moco"),
+         ("bank", "mochi"))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).
 MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool")
 
@@ -234,20 +241,20 @@ def spread(values: list[float]) -> str:
 
 
 def paired_differences(summary: dict[str, dict[str, list[float]]], seeds: list[int]) -> list[list[str]]:
-    """Each row against MoCo-v2, seed by seed (rows trained on every seed only), in points."""
-    base = summary.get(ROWS["moco"][0])
+    """The :data:`PAIRS` whose two rows ran on every seed, seed by seed, in points."""
     out = []
-    for name, s in summary.items():
-        if base is None or name == ROWS["moco"][0] or len(s["knn"]) != len(seeds) or len(base["knn"]) != len(seeds):
+    for row, base in PAIRS:
+        a, b = summary.get(ROWS[row][0]), summary.get(ROWS[base][0])
+        if a is None or b is None or len(a["knn"]) != len(seeds) or len(b["knn"]) != len(seeds):
             continue
         cells = []
         for metric in ("knn", "linear"):
-            if len(s[metric]) != len(base[metric]) or not s[metric]:
+            if len(a[metric]) != len(b[metric]) or not a[metric]:
                 cells.append("-")
                 continue
-            d = [100 * (a - b) for a, b in zip(s[metric], base[metric])]
+            d = [100 * (x - y) for x, y in zip(a[metric], b[metric])]
             cells.append(f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f}" if len(d) > 1 else f"{d[0]:+.2f}")
-        out.append([f"{name} − MoCo-v2", *cells])
+        out.append([f"{ROWS[row][0]} − {ROWS[base][0]}", *cells])
     return out
 
 

@@ -1,0 +1,107 @@
+"""Where the queue's false negatives sit, at a checkpoint of a Fashion-MNIST run: could an unsupervised
+filter find them?
+
+With 10 classes a tenth of the queue is the query's own class. This script takes a run's checkpoint
+(weights and queue as training left them), encodes a few training batches as training does (two
+augmented views, BatchNorm in the run's ``bn_splits`` groups, keys from the momentum network) and
+reports, over those queries against the checkpoint's queue:
+
+- the share of same-class entries at each band of similarity rank (rank 1 = the entry most similar
+  to the query): the precision a "drop the top-k" filter would have;
+- the softmax mass (at the run's temperature) that same-class entries take among the negatives, and
+  how much of it lies in the top k: what such a filter could remove;
+- the entries scoring above the query's own positive (the ``moco.max_neg_pos_ratio=1`` ceiling): how
+  many per query and which share of them is same-class.
+
+    python benchmarks/false_negatives.py --run runs/bench_fashion_mnist/mochi_seed1 [--checkpoint step-00005148.pt]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import append_results, markdown_table
+
+from mochi_retrieval.config import load_config
+from mochi_retrieval.training import build_data, build_model
+
+BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096))
+TOP_K = (8, 32, 128, 256, 1024)
+
+
+class _OneProcess:
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+
+@torch.no_grad()
+def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, object]:
+    """The statistics above for ``batches`` training batches of ``run`` at ``checkpoint``."""
+    cfg = load_config(run / "config.yaml", [])
+    data = build_data(cfg, _OneProcess())
+    model = build_model(cfg, data.steps_per_epoch, 1)
+    state = torch.load(run / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    model.train()  # BatchNorm as in training (batch statistics, bn_splits groups); no gradient is taken
+    q, k, labels = [], [], []
+    for step, batch in zip(range(batches), data.epoch(state["epoch"])):
+        q.append(model.encode_queries(batch["view_q"]))
+        k.append(model.encode_keys(batch["view_k"], step))
+        labels.append(batch["labels"])
+    q, k, labels = torch.cat(q), torch.cat(k), torch.cat(labels)  # (B, D), (B, D), (B,)
+    keys, key_labels = model.queue.keys, model.queue.labels  # (K, D), (K,)
+    if (key_labels < 0).any():
+        raise ValueError(f"{run}/{checkpoint}: the queue still holds random initial keys; take a later checkpoint")
+    scores = q @ keys.T  # (B, K)
+    same = labels.view(-1, 1) == key_labels.view(1, -1)  # (B, K)
+    order = scores.argsort(1, descending=True)
+    same_ranked = same.gather(1, order).float()
+    weight = torch.exp((scores - scores.amax(1, keepdim=True)) / cfg.moco.temperature)  # softmax numerators
+    weight_ranked, total = weight.gather(1, order), weight.sum(1)
+    same_mass = (weight * same).sum(1)
+    above = scores > (q * k).sum(1, keepdim=True)
+    return {
+        "config": cfg, "queries": len(q), "step": state["global_step"], "epoch": state["epoch"],
+        "bands": {band: same_ranked[:, band[0] - 1: band[1]].mean().item() for band in BANDS},
+        "same_mass": (same_mass / total).mean().item(),
+        "top_k": {n: ((weight_ranked[:, :n].sum(1) / total).mean().item(),
+                      ((weight_ranked * same_ranked)[:, :n].sum(1) / same_mass).mean().item()) for n in TOP_K},
+        "above_per_query": above.float().sum(1).mean().item(),
+        "above_same": (above & same).sum().item() / max(1, int(above.sum())),
+    }
+
+
+def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
+    cfg = s["config"]
+    head = (f"Run `{run}`, checkpoint `{checkpoint}` (step {s['step']}, after epoch {s['epoch']}); "
+            f"{s['queries']} training queries against its queue of {cfg.moco.queue_size} keys; T = "
+            f"{cfg.moco.temperature}; MoCHi {'on' if cfg.mochi.enabled else 'off'}, same-class mask "
+            f"{'on' if cfg.moco.mask_same_label else 'off'} in training.")
+    bands = markdown_table(["similarity ranks", "same-class share"],
+                           [[f"{a}" if a == b else f"{a}-{b}", f"{v:.3f}"] for (a, b), v in s["bands"].items()])
+    mass = markdown_table(["top k by similarity", "share of the negatives' softmax mass",
+                           "share of the same-class mass"],
+                          [[n, f"{a:.3f}", f"{b:.3f}"] for n, (a, b) in s["top_k"].items()])
+    lines = [f"- same-class entries take {s['same_mass']:.3f} of the negatives' softmax mass (a tenth of the "
+             "entries);",
+             f"- entries above the query's positive: {s['above_per_query']:.1f} per query, {s['above_same']:.3f} "
+             "of them same-class."]
+    return "\n\n".join([head, bands, mass, "\n".join(lines)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", type=Path, nargs="+", required=True, help="run folders (config.yaml, checkpoints/)")
+    p.add_argument("--checkpoint", default="last.pt", help="file name under <run>/checkpoints")
+    p.add_argument("--batches", type=int, default=8, help="training batches to encode")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    body = "\n\n".join(report(run, args.checkpoint, queue_statistics(run, args.checkpoint, args.batches))
+                       for run in args.run)
+    print(body)
+    if not args.no_write:
+        append_results("fashion_mnist: where the queue's false negatives sit", body)
+
+
+if __name__ == "__main__":
+    main()
