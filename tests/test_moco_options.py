@@ -10,6 +10,7 @@ from torch import nn
 
 from mochi_retrieval.config import ConfigError, ExperimentConfig
 from mochi_retrieval.config.engine import from_dict
+from mochi_retrieval.encoders.split_bn import convert_split_batchnorm
 from mochi_retrieval.moco import MoCo
 
 
@@ -32,13 +33,20 @@ def make(splits: int, shuffle: bool = True) -> MoCo:
     return MoCo(BNEncoder(), head_hidden_dim=8, head_out_dim=4, queue_size=16, bn_splits=splits, shuffle_bn=shuffle)
 
 
+def plain_copy(net: nn.Module) -> nn.Module:
+    """The network with BatchNorm over whatever batch it is given: the reference a pass per group uses."""
+    ref = copy.deepcopy(net)
+    convert_split_batchnorm(ref, 1)
+    return ref
+
+
 def images(n: int = 8) -> torch.Tensor:
     return torch.randn(n, 1, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
 def test_queries_are_normalised_per_consecutive_sub_batch():
     model, x = make(4), images(8)
-    ref = copy.deepcopy(model.query_net)
+    ref = plain_copy(model.query_net)
     expected = torch.cat([ref(x[i:i + 2]) for i in range(0, 8, 2)])
     assert torch.allclose(model.encode_queries(x), F.normalize(expected, dim=1), atol=1e-6)
     # One split is the plain forward, and splitting changes the outputs (BatchNorm couples a batch).
@@ -50,7 +58,7 @@ def test_queries_are_normalised_per_consecutive_sub_batch():
 def test_keys_are_normalised_within_shuffled_groups_and_returned_in_batch_order():
     model, x = make(4), images(8)
     keys = model.encode_keys(x, step=3)
-    ref = copy.deepcopy(model.key_net)
+    ref = plain_copy(model.key_net)
     # The permutation is the one of (seed, step): recompute it from the same formula.
     perm = torch.randperm(8, generator=torch.Generator().manual_seed((0 * 1_000_003 + 3) * 1_009 + 7))
     groups = perm.view(4, 2)
@@ -65,7 +73,7 @@ def test_keys_are_normalised_within_shuffled_groups_and_returned_in_batch_order(
 
 def test_without_shuffle_keys_use_the_query_groups():
     model, x = make(2, shuffle=False), images(8)
-    ref = copy.deepcopy(model.key_net)
+    ref = plain_copy(model.key_net)
     expected = torch.cat([ref(x[:4]), ref(x[4:])])
     assert torch.allclose(model.encode_keys(x, step=0), F.normalize(expected, dim=1), atol=1e-6)
 

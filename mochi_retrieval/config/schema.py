@@ -43,9 +43,10 @@ class ModelConfig:
     """Shuffle the key batch (across ranks; within the process when ``bn_splits`` > 1) so BatchNorm cannot
     leak the positive."""
     bn_splits: int = 1
-    """Images: encode each process's queries and keys in this many sub-batches with their own BatchNorm
-    statistics, as this many GPUs would (MoCo's single-GPU demo uses 8). In one process, shuffle BN needs
-    it > 1; the batch per process must hold at least 2 images per split."""
+    """Images: normalise each process's queries and keys in this many sub-batches with their own BatchNorm
+    statistics, as this many GPUs would (MoCo's single-GPU demo uses 8; one pass of the network, split
+    BatchNorm layers). In one process, shuffle BN needs it > 1; the batch per process must hold at least 2
+    images per split."""
     grad_cache_chunk: Optional[int] = None
     """Text: encode a step's texts in chunks of this many with GradCache (same gradient, memory of one
     chunk, one extra forward pass); null = one pass. One process only."""
