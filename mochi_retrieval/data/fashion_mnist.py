@@ -94,22 +94,25 @@ class FashionMNIST(Dataset):
         transform: applied to each image, a PIL image in mode "L" (as
             torchvision's datasets give); None returns the (28, 28) uint8 tensor.
         limit: keep only the first ``limit`` items.
+        tensor_input: give ``transform`` the (28, 28) uint8 tensor instead of a PIL image.
     """
 
     classes = CLASSES
 
     def __init__(self, root: str | Path = DEFAULT_ROOT, split: Literal["train", "test"] = "train",
-                 transform: Callable | None = None, limit: int | None = None) -> None:
+                 transform: Callable | None = None, limit: int | None = None, tensor_input: bool = False) -> None:
         images, labels = load_fashion_mnist(root, split)
         self.images, self.labels = images[:limit], labels[:limit]
-        self.transform = transform
+        self.transform, self.tensor_input = transform, tensor_input
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
         image = self.images[i]
-        if self.transform is not None:
+        if self.transform is not None and self.tensor_input:
+            image = self.transform(image)
+        elif self.transform is not None:
             from PIL import Image
 
             image = self.transform(Image.fromarray(image.numpy()))  # 2-D uint8 gives mode "L"
