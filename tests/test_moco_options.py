@@ -95,6 +95,8 @@ def test_bad_splits_are_named():
         from_dict(ExperimentConfig, {"model": {"bn_splits": 3}, "train": {"batch_size": 4}})
     with pytest.raises(ConfigError, match="model.bn_splits"):
         from_dict(ExperimentConfig, {"model": {"bn_splits": 2}, "data": {"dataset": "debian"}})
+    with pytest.raises(ConfigError, match="model.bn_splits.*sync_bn"):
+        from_dict(ExperimentConfig, {"model": {"bn_splits": 2, "sync_bn": True}})
 
 
 def test_symmetric_loss_is_the_mean_of_both_directions_written_out():

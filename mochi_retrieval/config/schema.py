@@ -288,6 +288,9 @@ class ExperimentConfig:
             require(self.train.batch_size >= 2 * self.model.bn_splits, "model.bn_splits",
                      f"at most half of train.batch_size ({self.train.batch_size}): 2 images per BatchNorm group",
                      self.model.bn_splits)
+            require(not self.model.sync_bn or self.model.bn_splits == 1, "model.bn_splits",
+                    "1 with model.sync_bn (SyncBatchNorm normalises over all processes' batches; splitting it "
+                    "would undo that)", self.model.bn_splits)
             require(not self.bank.enabled or self.bank.refresh_every == 0, "bank.refresh_every",
                      "0 for image runs (an image bank is kept fresh by each batch's keys)", self.bank.refresh_every)
             require(not self.bank.enabled or self.bank.update_with_keys, "bank.update_with_keys",
