@@ -137,16 +137,22 @@ class _Accel:  # the single-process fields build_data needs
     num_processes, process_index, device = 1, 0, torch.device("cpu")
 
 
-def step_timing(overrides: list[str], steps: int) -> tuple[float, float, float]:
-    """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side."""
+def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> tuple[float, float, float]:
+    """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side.
+
+    ``start``: a training checkpoint both models load first (weights and a trained queue, whose scores
+    are what the hard-pool selection sorts in a real run; without it the queue holds random keys)."""
     cfg_on = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"])
     data = build_data(cfg_on, _Accel())
-    batches = [b for _, b in zip(range(steps), data.epoch(0))]
+    state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
+    batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
     models = {}
     for name, enabled in (("moco", False), ("mochi", True)):
         torch.manual_seed(0)
         cfg = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0", f"mochi.enabled={str(enabled).lower()}"])
         model = build_model(cfg, data.steps_per_epoch, 1)
+        if state is not None:
+            model.load_state_dict(state["model"])
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, momentum=0.9)
         models[name] = (model, opt)
     cursor = {"moco": 0, "mochi": 0}
@@ -273,6 +279,8 @@ def main() -> None:
     p.add_argument("--gather-only", action="store_true",
                    help="--reuse, and leave out (and name) rows without a matching earlier run instead of training")
     p.add_argument("--timing-only", action="store_true", help="only the side-by-side step and loader timings")
+    p.add_argument("--timing-from", type=Path, default=None,
+                   help="a training checkpoint (weights, trained queue) both timed models start from")
     p.add_argument("overrides", nargs="*", help="extra dotted overrides for every row, e.g. train.epochs=2")
     args = p.parse_args()
     args.reuse = args.reuse or args.gather_only
@@ -280,7 +288,9 @@ def main() -> None:
 
     side = ""
     if args.timing_steps > 0:
-        side = timing_table(*step_timing(args.overrides, args.timing_steps))
+        side = timing_table(*step_timing(args.overrides, args.timing_steps, args.timing_from))
+        if args.timing_from is not None:
+            side = f"both models start from `{args.timing_from}`\n\n{side}"
         print(side)
     if args.timing_only:
         if not args.no_write:
