@@ -111,7 +111,7 @@ def check_hard_pool(device: Device, n: int = 300) -> dict[str, int]:
     _same_sets(mixing._threshold_topk(scores, n), want)  # the CPU fast path, run on this device too
     # Large values only at the sampled (strided) columns: too few pass the threshold; the fallback is exact.
     misleading = torch.randn(4, 8192, generator=torch.Generator().manual_seed(0))
-    misleading[:2, ::16] += 100.0
+    misleading[:2, ::mixing._FAST_STRIDE] += 100.0
     misleading = misleading.to(device)
     _same_sets(mixing._threshold_topk(misleading, 512), torch.topk(misleading, 512, dim=1).indices)
     _same_sets(mixing.hard_pool(misleading, 512), torch.topk(misleading, 512, dim=1).indices)
