@@ -64,9 +64,10 @@ def test_conversion_replaces_the_classes_and_refuses_other_norms():
     kinds = {type(m) for m in split.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     assert kinds == {SplitBatchNorm1d, SplitBatchNorm2d}
     assert convert_split_batchnorm(split, 1) and all(getattr(m, "splits", 1) == 1 for m in split.modules())
-    other = nn.Sequential(nn.BatchNorm2d(2), nn.BatchNorm3d(2))
-    assert not convert_split_batchnorm(other, 2)
-    assert [type(m) for m in other] == [nn.BatchNorm2d, nn.BatchNorm3d]  # nothing changed
+    for odd in (nn.BatchNorm3d(2), nn.BatchNorm2d(2, momentum=None), nn.BatchNorm2d(2, track_running_stats=False)):
+        other = nn.Sequential(nn.BatchNorm2d(2), odd)
+        assert not convert_split_batchnorm(other, 2)
+        assert [type(m) for m in other] == [nn.BatchNorm2d, type(odd)]  # nothing changed
     with pytest.raises(ValueError, match="splits must be >= 1"):
         convert_split_batchnorm(Net(), 0)
 

@@ -24,7 +24,7 @@ class _SplitMixin:
     splits: int = 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.splits == 1 or not self.track_running_stats or self.momentum is None:
+        if not self.training or self.splits == 1:
             return super().forward(x)
         self._check_input_dim(x)
         if self.num_batches_tracked is not None:
@@ -50,13 +50,14 @@ def convert_split_batchnorm(module: nn.Module, splits: int) -> bool:
     """Make every BatchNorm1d/2d of ``module`` normalise ``splits`` groups (in place).
 
     Returns False, changing nothing, when ``module`` holds another batch-dependent normalisation (BatchNorm3d,
-    SyncBatchNorm, lazy or custom subclasses): the caller then runs the network group by group instead.
+    SyncBatchNorm, lazy or custom subclasses) or a BatchNorm without running statistics or with a cumulative
+    average (``momentum=None``): the caller then runs the network group by group instead.
     """
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
              and not isinstance(m, nn.modules.instancenorm._InstanceNorm)]
-    if any(type(m) not in _SPLIT for m in norms):
+    if any(type(m) not in _SPLIT or not m.track_running_stats or m.momentum is None for m in norms):
         return False
     for m in norms:
         m.__class__ = _SPLIT[type(m)]
