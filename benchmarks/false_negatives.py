@@ -11,7 +11,10 @@ reports, over those queries against the checkpoint's queue:
 - the softmax mass (at the run's temperature) that same-class entries take among the negatives, and
   how much of it lies in the top k: what such a filter could remove;
 - the entries scoring above the query's own positive (the ``moco.max_neg_pos_ratio=1`` ceiling): how
-  many per query and which share of them is same-class.
+  many per query and which share of them is same-class;
+- for a MoCHi run, the softmax mass of each part of the logits (positive, real negatives, pair mixes,
+  query mixes), with the run's MoCHi settings and masks drawn on these queries: what the synthetic points
+  take from the real negatives' gradient.
 
     python benchmarks/false_negatives.py --run runs/bench_fashion_mnist/mochi_seed1 [--checkpoint step-00005148.pt]
 """
@@ -24,6 +27,7 @@ import torch
 from common import append_results, markdown_table
 
 from mochi_retrieval.config import load_config
+from mochi_retrieval.loss import contrastive_loss
 from mochi_retrieval.training import build_data, build_model
 
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096))
@@ -43,12 +47,13 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
     state = torch.load(run / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     model.train()  # BatchNorm as in training (batch statistics, bn_splits groups); no gradient is taken
-    q, k, labels = [], [], []
+    q, k, labels, ids = [], [], [], []
     for step, batch in zip(range(batches), data.epoch(state["epoch"])):
         q.append(model.encode_queries(batch["view_q"]))
         k.append(model.encode_keys(batch["view_k"], step))
         labels.append(batch["labels"])
-    q, k, labels = torch.cat(q), torch.cat(k), torch.cat(labels)  # (B, D), (B, D), (B,)
+        ids.append(batch["ids"])
+    q, k, labels, ids = torch.cat(q), torch.cat(k), torch.cat(labels), torch.cat(ids)  # (B, D), (B, D), (B,), (B,)
     keys, key_labels = model.queue.keys, model.queue.labels  # (K, D), (K,)
     if (key_labels < 0).any():
         raise ValueError(f"{run}/{checkpoint}: the queue still holds random initial keys; take a later checkpoint")
@@ -60,7 +65,8 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
     weight_ranked, total = weight.gather(1, order), weight.sum(1)
     same_mass = (weight * same).sum(1)
     above = scores > (q * k).sum(1, keepdim=True)
-    return {
+    mass = softmax_mass_by_part(cfg, q, k, labels, ids, model.queue) if cfg.mochi.enabled else None
+    return {"mass_by_part": mass,
         "config": cfg, "queries": len(q), "step": state["global_step"], "epoch": state["epoch"],
         "bands": {band: same_ranked[:, band[0] - 1: band[1]].mean().item() for band in BANDS},
         "same_mass": (same_mass / total).mean().item(),
@@ -69,6 +75,23 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
         "above_per_query": above.float().sum(1).mean().item(),
         "above_same": (above & same).sum().item() / max(1, int(above.sum())),
     }
+
+
+def softmax_mass_by_part(cfg, q, k, labels, ids, queue) -> dict[str, float]:
+    """Mean softmax mass (at the run's T) of the positive, the real negatives, the pair mixes and the query
+    mixes, with the masks the run trained with (own instance; own class under ``mask_same_label``)."""
+    mask = queue.ids.view(1, -1) == ids.view(-1, 1)
+    if cfg.moco.mask_same_label:
+        mask |= queue.labels.view(1, -1) == labels.view(-1, 1)
+    mochi = cfg.mochi.settings()
+    out = contrastive_loss(q, k, queue.keys, cfg.moco.temperature, mochi=mochi, neg_mask=mask,
+                           generator=torch.Generator().manual_seed(0))
+    parts = {"positive": out.pos_logits.unsqueeze(1), "real negatives": out.neg_logits,
+             "pair mixes": out.synthetic_logits[:, :mochi.n_mix],
+             "query mixes": out.synthetic_logits[:, mochi.n_mix:]}
+    p = torch.softmax(torch.cat(list(parts.values()), dim=1) / cfg.moco.temperature, dim=1)
+    sizes = [t.shape[1] for t in parts.values()]
+    return {name: part.sum(1).mean().item() for name, part in zip(parts, p.split(sizes, dim=1))}
 
 
 def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
@@ -86,6 +109,9 @@ def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
              "entries);",
              f"- entries above the query's positive: {s['above_per_query']:.1f} per query, {s['above_same']:.3f} "
              "of them same-class."]
+    if s["mass_by_part"] is not None:
+        lines.append("- softmax mass by part of the logits (MoCHi, the run's settings and masks): " + ", ".join(
+            f"{name} {value:.3f}" for name, value in s["mass_by_part"].items()) + ".")
     return "\n\n".join([head, bands, mass, "\n".join(lines)])
 
 
