@@ -79,8 +79,8 @@ def eval_transform(image_size: int, in_channels: int, mean: Sequence[float], std
 
 def native_size_transform(in_channels: int, mean: Sequence[float], std: Sequence[float]):
     """What :func:`eval_transform` does to an image already at ``image_size`` (no resize, no crop), on its
-    (H, W) uint8 tensor: to [0, 1], channel fix-up, normalise. No PIL image per item: 10x faster on
-    Fashion-MNIST, where decoding dominated feature extraction; the same values (tests/test_eval_features.py).
+    (H, W) uint8 tensor: to [0, 1], channel fix-up, normalise. No PIL image is made per item; the values are
+    the PIL path's (tests/test_eval_features.py).
     """
     if len(mean) != in_channels:
         mean, std = [sum(mean) / len(mean)] * in_channels, [sum(std) / len(std)] * in_channels
