@@ -16,6 +16,12 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
+class OneCpuProcess:
+    """The fields of an accelerate ``Accelerator`` that ``build_data`` reads: one process, on the CPU."""
+
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import append_results, markdown_table
+from common import OneCpuProcess, append_results, markdown_table
 
 from mochi_retrieval.config import load_config
 from mochi_retrieval.loss import contrastive_loss
@@ -34,15 +34,12 @@ BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096)
 TOP_K = (8, 32, 128, 256, 1024)
 
 
-class _OneProcess:
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
 
 @torch.no_grad()
 def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, object]:
     """The statistics above for ``batches`` training batches of ``run`` at ``checkpoint``."""
     cfg = load_config(run / "config.yaml", [])
-    data = build_data(cfg, _OneProcess())
+    data = build_data(cfg, OneCpuProcess())
     model = build_model(cfg, data.steps_per_epoch, 1)
     state = torch.load(run / "checkpoints" / checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])

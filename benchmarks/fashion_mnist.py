@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import append_results, interleaved_medians, markdown_table
+from common import OneCpuProcess, append_results, interleaved_medians, markdown_table
 
 from mochi_retrieval import train
 from mochi_retrieval.config import load_config
@@ -133,17 +133,13 @@ def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: 
     return rows
 
 
-class _Accel:  # the single-process fields build_data needs
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
-
-
 def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> tuple[float, float, float]:
     """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side.
 
     ``start``: a training checkpoint both models load first (weights and a trained queue, whose scores
     are what the hard-pool selection sorts in a real run; without it the queue holds random keys)."""
     cfg_on = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"])
-    data = build_data(cfg_on, _Accel())
+    data = build_data(cfg_on, OneCpuProcess())
     state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
     batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
     models = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import append_results, interleaved_medians, markdown_table
+from common import OneCpuProcess, append_results, interleaved_medians, markdown_table
 
 from mochi_retrieval.config import load_config
 from mochi_retrieval.encoders.split_bn import convert_split_batchnorm
@@ -19,9 +19,6 @@ from mochi_retrieval.training import build_data, build_model
 
 CONFIG = "configs/fashion_mnist_resnet18.yaml"
 
-
-class _OneProcess:
-    num_processes, process_index, device = 1, 0, torch.device("cpu")
 
 
 def main() -> None:
@@ -35,7 +32,7 @@ def main() -> None:
     cfg = load_config(CONFIG, ["mochi.warmup_epochs=0", *args.overrides])
     if cfg.model.bn_splits < 2:
         raise SystemExit(f"model.bn_splits is {cfg.model.bn_splits}: nothing to split")
-    data = build_data(cfg, _OneProcess())
+    data = build_data(cfg, OneCpuProcess())
     batches = [b for _, b in zip(range(10), data.epoch(0))]
     runs = {}
     for name in ("pass per sub-batch", "split BatchNorm"):
