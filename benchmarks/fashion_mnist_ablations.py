@@ -10,6 +10,10 @@ whatever machine state the run met).
 
     python benchmarks/fashion_mnist_ablations.py --budget train.epochs=3 eval.linear_probe=false \\
         --variant baseline "" --variant crop0.5 "data.crop_scale=[0.5,1.0]"
+
+Variants can train in separate invocations (one per core, ``--no-write``) and be gathered into one table
+by a last invocation with ``--reuse``, which takes each variant's finished run from its folder when the
+run's resolved config is the same (and trains the variants that have none).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import shlex
 from pathlib import Path
 
 from common import append_results, markdown_table
-from fashion_mnist import CONFIG, monitors_text, train_run
+from fashion_mnist import CONFIG, monitors_text, reusable, train_run
 
 from mochi_retrieval.config import load_config
 
@@ -31,12 +35,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/ablations_fashion_mnist")
     p.add_argument("--title", default="fashion_mnist: recipe ablations")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--reuse", action="store_true",
+                   help="take a variant's finished run from its folder when its resolved config is the same")
     args = p.parse_args()
     for _, extra in args.variant:  # fail on a bad key before hours of training
         load_config(CONFIG, [*args.budget, *shlex.split(extra)])
     rows = []
     for label, extra in args.variant:
-        r = train_run([*args.budget, *shlex.split(extra)], Path(args.out) / label)
+        overrides, out = [*args.budget, *shlex.split(extra)], Path(args.out) / label
+        r = (reusable(overrides, out) if args.reuse else None) or train_run(overrides, out)
         linear = r.get("linear_top1")
         rows.append([label, f"`{extra}`" if extra else "(config)", f"{r['knn_top1']:.4f}",
                      "-" if linear is None else f"{linear:.4f}", monitors_text(r["monitors"]),
