@@ -12,8 +12,10 @@ whatever machine state the run met).
         --variant baseline "" --variant crop0.5 "data.crop_scale=[0.5,1.0]"
 
 Variants can train in separate invocations (one per core, ``--no-write``) and be gathered into one table
-by a last invocation with ``--reuse``, which takes each variant's finished run from its folder when the
-run's resolved config is the same (and trains the variants that have none).
+by a last invocation with ``--gather-only``, which takes each variant's finished run from its folder when
+the run's resolved config is the same and trains nothing: a variant without one stops the gather with its
+name (``--reuse`` trains those instead). The variants' overrides should pin every value they were trained
+with that the config might change later; otherwise the gather names them.
 """
 from __future__ import annotations
 
@@ -37,9 +39,18 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--reuse", action="store_true",
                    help="take a variant's finished run from its folder when its resolved config is the same")
+    p.add_argument("--gather-only", action="store_true",
+                   help="--reuse, and train nothing: stop, naming them, when variants have no matching run")
     args = p.parse_args()
+    args.reuse = args.reuse or args.gather_only
     for _, extra in args.variant:  # fail on a bad key before hours of training
         load_config(CONFIG, [*args.budget, *shlex.split(extra)])
+    if args.gather_only:
+        missing = [label for label, extra in args.variant
+                   if reusable([*args.budget, *shlex.split(extra)], Path(args.out) / label) is None]
+        if missing:
+            raise SystemExit(f"--gather-only: no finished run with the same config for {', '.join(missing)} "
+                             f"under {args.out}")
     rows = []
     for label, extra in args.variant:
         overrides, out = [*args.budget, *shlex.split(extra)], Path(args.out) / label
