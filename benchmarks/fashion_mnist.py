@@ -86,7 +86,7 @@ def _cached_row(folder: Path, name: str, inputs: dict, compute, reuse: bool) -> 
     path = folder / f"{name}.json"
     if reuse and path.exists():
         saved = json.loads(path.read_text())
-        if saved["inputs"] == inputs:
+        if all(saved["inputs"].get(key) == value for key, value in inputs.items()):  # saved may hold more
             return saved["row"], True
     row = compute()
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,9 @@ def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: 
             r = Evaluator(scfg, torch.device("cpu")).final(model.encoder)
             return [f"random-init {scfg.model.encoder} (floor)", seed, f"{r['knn_top1']:.4f}",
                     f"{r['linear_top1']:.4f}", f"{time.perf_counter() - start:.0f}", "-", "-"]
-        inputs = {k: v for k, v in to_dict(scfg).items() if k != "output_dir"}
+        # What a random-init network's evaluation depends on: its weights (the seed drawn them, then the
+        # queue and the rest) and the evaluation; not the queue, MoCHi or the training schedule.
+        inputs = {k: v for k, v in to_dict(scfg).items() if k in ("seed", "model", "data", "eval")}
         row, reused = _cached_row(cache, f"random_init_seed{seed}", inputs, random_init, reuse)
         rows.append(_mark_reused(row, reused))
     return rows
