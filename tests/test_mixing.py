@@ -175,3 +175,20 @@ def test_generator_on_tensor_device_and_plan_move():
 def test_fast_hard_pool_equals_topk(device, n):
     """Also large values only at the sampled (strided) columns: too few pass the threshold, the fallback is exact."""
     device_checks.check_hard_pool(device, n)
+
+
+@pytest.mark.parametrize("budget", [8, 40, 1 << 16])  # 1, 5 (42 = 8 x 5 + 2) and 42 rows a chunk
+def test_chunked_pair_products_equal_the_direct_products(monkeypatch, budget):
+    """Chunk sizes that split the pairs unevenly (and one chunk for all) give n_i . n_j exactly, for a shared
+    bank and for a (queue, per-query candidates) column space alike."""
+    monkeypatch.setattr(mixing, "_GATHER_BUDGET", budget)
+    bank, cands = unit(40, 8, seed=1), unit(6, 9, 8, seed=2)
+    g = torch.Generator().manual_seed(3)
+    col_i, col_j = torch.randint(0, 49, (6, 7), generator=g), torch.randint(0, 49, (6, 7), generator=g)
+    full = torch.cat([bank.expand(6, -1, -1), cands], dim=1)  # (B, K + C, D)
+    rows_i = torch.gather(full, 1, col_i.unsqueeze(-1).expand(-1, -1, 8))
+    rows_j = torch.gather(full, 1, col_j.unsqueeze(-1).expand(-1, -1, 8))
+    torch.testing.assert_close(mixing._pair_products((bank, cands), col_i, col_j), (rows_i * rows_j).sum(-1))
+    shared_i, shared_j = col_i % 40, col_j % 40
+    torch.testing.assert_close(mixing._pair_products(bank, shared_i, shared_j),
+                               (bank[shared_i] * bank[shared_j]).sum(-1), rtol=0, atol=1e-15)
