@@ -78,3 +78,17 @@ def append_results(title: str, body: str) -> None:
     """Append a section with the command that produced it and the machine."""
     with RESULTS.open("a") as f:
         f.write(results_section(title, body))
+
+
+def training_step(model: torch.nn.Module, lr: float, batches: list[dict]) -> Callable[[], None]:
+    """One timed training step of a MoCo model per call, cycling through ``batches``: forward with MoCHi
+    active (epoch 1.0), backward, SGD step. The step index advances, so MoCHi's draws differ per call."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    cursor = [0]
+
+    def step() -> None:
+        cursor[0] += 1
+        model(**batches[cursor[0] % len(batches)], epoch=1.0, step=cursor[0])["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import OneCpuProcess, append_results, interleaved_medians, markdown_table
+from common import OneCpuProcess, append_results, interleaved_medians, markdown_table, training_step
 
 from mochi_retrieval import train
 from mochi_retrieval.config import load_config
@@ -144,28 +144,16 @@ def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> 
     data = build_data(cfg_on, OneCpuProcess())
     state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
     batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
-    models = {}
+    steps_of = {}
     for name, enabled in (("moco", False), ("mochi", True)):
         torch.manual_seed(0)
         cfg = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0", f"mochi.enabled={str(enabled).lower()}"])
         model = build_model(cfg, data.steps_per_epoch, 1)
         if state is not None:
             model.load_state_dict(state["model"])
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, momentum=0.9)
-        models[name] = (model, opt)
-    cursor = {"moco": 0, "mochi": 0}
+        steps_of[name] = training_step(model, cfg.train.lr, batches)
 
-    def make_step(name):
-        def step():
-            model, opt = models[name]
-            batch = batches[cursor[name] % len(batches)]
-            cursor[name] += 1
-            model(**batch, epoch=1.0, step=cursor[name])["loss"].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    times = interleaved_medians({n: make_step(n) for n in models}, steps, torch.device("cpu"))
+    times = interleaved_medians(steps_of, steps, torch.device("cpu"))
     batch_size = batches[0]["view_q"].shape[0]
     it = data.epoch(1)
     loader = interleaved_medians({"loader": lambda: next(it)}, steps, torch.device("cpu"))["loader"]

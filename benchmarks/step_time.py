@@ -14,7 +14,7 @@ import argparse
 import shlex
 
 import torch
-from common import OneCpuProcess, append_results, interleaved_medians, markdown_table
+from common import OneCpuProcess, append_results, interleaved_medians, markdown_table, training_step
 from fashion_mnist import CONFIG
 
 from mochi_retrieval.config import load_config
@@ -24,16 +24,7 @@ from mochi_retrieval.training import build_data, build_model
 def stepper(overrides: list[str], batches: list[dict], steps_per_epoch: int):
     torch.manual_seed(0)
     cfg = load_config(CONFIG, [*overrides, "mochi.warmup_epochs=0"])
-    model = build_model(cfg, steps_per_epoch, 1)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, momentum=0.9)
-    cursor = [0]
-
-    def step() -> None:
-        cursor[0] += 1
-        model(**batches[cursor[0] % len(batches)], epoch=1.0, step=cursor[0])["loss"].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return training_step(build_model(cfg, steps_per_epoch, 1), cfg.train.lr, batches)
 
 
 def main() -> None:
