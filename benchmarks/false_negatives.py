@@ -12,6 +12,10 @@ reports, over those queries against the checkpoint's queue:
   how much of it lies in the top k: what such a filter could remove;
 - the entries scoring above the query's own positive (the ``moco.max_neg_pos_ratio=1`` ceiling): how
   many per query and which share of them is same-class;
+- the debiased InfoNCE of Chuang et al. (NeurIPS 2020) at class priors tau+: its negative term
+  ``g = max((sum_n e^{q.n/T} - tau+ N e^{q.k/T}) / (1 - tau+), N e^{-1/T})``; the share of queries where
+  the floor binds (the loss then gives their negatives no gradient) and the median of the correction
+  ``tau+ N e^{q.k/T}`` over the negatives' sum, which the estimator assumes to be below 1;
 - for a MoCHi run, the softmax mass of each part of the logits (positive, real negatives, pair mixes,
   query mixes), with the run's MoCHi settings and masks drawn on these queries: what the synthetic points
   take from the real negatives' gradient.
@@ -32,6 +36,7 @@ from mochi_retrieval.training import build_data, build_model
 
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096))
 TOP_K = (8, 32, 128, 256, 1024)
+PRIORS = (0.1, 0.05, 0.02, 0.01)  # tau+: the class prior of 10 balanced classes, and smaller
 
 
 
@@ -62,6 +67,15 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
     weight_ranked, total = weight.gather(1, order), weight.sum(1)
     same_mass = (weight * same).sum(1)
     above = scores > (q * k).sum(1, keepdim=True)
+    t, n_neg = cfg.moco.temperature, scores.shape[1]
+    lse_neg = torch.logsumexp(scores.double() / t, dim=1)  # (B,) log sum_n e^{q.n/T}
+    debiased = {}
+    for prior in PRIORS:
+        log_corr = torch.log(torch.tensor(prior * n_neg, dtype=torch.float64)) + (q * k).sum(1).double() / t
+        top = torch.maximum(lse_neg, log_corr)  # shift, so the differences of exponentials stay finite
+        estimate = (torch.exp(lse_neg - top) - torch.exp(log_corr - top)) / (1 - prior)
+        floor = n_neg * torch.exp(-1 / t - top)
+        debiased[prior] = ((estimate < floor).double().mean().item(), torch.exp(log_corr - lse_neg).median().item())
     mass = softmax_mass_by_part(cfg, q, k, labels, ids, model.queue) if cfg.mochi.enabled else None
     return {"mass_by_part": mass,
         "config": cfg, "queries": len(q), "step": state["global_step"], "epoch": state["epoch"],
@@ -71,6 +85,7 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
                       ((weight_ranked * same_ranked)[:, :n].sum(1) / same_mass).mean().item()) for n in TOP_K},
         "above_per_query": above.float().sum(1).mean().item(),
         "above_same": (above & same).sum().item() / max(1, int(above.sum())),
+        "debiased": debiased,
     }
 
 
@@ -102,6 +117,9 @@ def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
     mass = markdown_table(["top k by similarity", "share of the negatives' softmax mass",
                            "share of the same-class mass"],
                           [[n, f"{a:.3f}", f"{b:.3f}"] for n, (a, b) in s["top_k"].items()])
+    debiased = markdown_table(["debiased InfoNCE, class prior tau+", "share of queries at the floor",
+                               "median correction / negatives' sum"],
+                              [[prior, f"{a:.2f}", f"{b:.2f}"] for prior, (a, b) in s["debiased"].items()])
     lines = [f"- same-class entries take {s['same_mass']:.3f} of the negatives' softmax mass (a tenth of the "
              "entries);",
              f"- entries above the query's positive: {s['above_per_query']:.1f} per query, {s['above_same']:.3f} "
@@ -109,7 +127,7 @@ def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
     if s["mass_by_part"] is not None:
         lines.append("- softmax mass by part of the logits (MoCHi, the run's settings and masks): " + ", ".join(
             f"{name} {value:.3f}" for name, value in s["mass_by_part"].items()) + ".")
-    return "\n\n".join([head, bands, mass, "\n".join(lines)])
+    return "\n\n".join([head, bands, mass, debiased, "\n".join(lines)])
 
 
 def main() -> None:
