@@ -194,10 +194,13 @@ def monitors_text(m: dict) -> str:
 
 
 def _resolved(cfg) -> dict:
-    """The resolved config as a dict, without what does not change the result (output folder, resume)."""
+    """The resolved config as a dict, without what does not change the result: the output folder, resume,
+    and with MoCHi off its mixing settings (``n_hard`` stays: it sizes the hard-pool monitor)."""
     d = to_dict(cfg)
     d.pop("output_dir")
     d["train"].pop("resume")
+    if not d["mochi"]["enabled"]:
+        d["mochi"] = {"enabled": False, "n_hard": d["mochi"]["n_hard"]}
     return d
 
 
