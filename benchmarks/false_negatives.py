@@ -18,7 +18,8 @@ reports, over those queries against the checkpoint's queue:
   ``tau+ N e^{q.k/T}`` over the negatives' sum, which the estimator assumes to be below 1;
 - for a MoCHi run, the softmax mass of each part of the logits (positive, real negatives, pair mixes,
   query mixes), with the run's MoCHi settings and masks drawn on these queries: what the synthetic points
-  take from the real negatives' gradient.
+  take from the real negatives' gradient; and where the mixes push each query compared with the real
+  negatives (cosines of the gradients' parts tangent to q, and the share of the mixes' push that is new).
 
     python benchmarks/false_negatives.py --run runs/bench_fashion_mnist/mochi_seed1 [--checkpoint step-00005148.pt]
 """
@@ -32,6 +33,7 @@ from common import OneCpuProcess, append_results, markdown_table
 
 from mochi_retrieval.config import load_config
 from mochi_retrieval.loss import contrastive_loss
+from mochi_retrieval.mixing import synthesize
 from mochi_retrieval.training import build_data, build_model
 
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096))
@@ -76,8 +78,8 @@ def queue_statistics(run: Path, checkpoint: str, batches: int) -> dict[str, obje
         estimate = (torch.exp(lse_neg - top) - torch.exp(log_corr - top)) / (1 - prior)
         floor = n_neg * torch.exp(-1 / t - top)
         debiased[prior] = ((estimate < floor).double().mean().item(), torch.exp(log_corr - lse_neg).median().item())
-    mass = softmax_mass_by_part(cfg, q, k, labels, ids, model.queue) if cfg.mochi.enabled else None
-    return {"mass_by_part": mass,
+    mass, geometry = softmax_mass_by_part(cfg, q, k, labels, ids, model.queue) if cfg.mochi.enabled else (None, None)
+    return {"mass_by_part": mass, "geometry": geometry,
         "config": cfg, "queries": len(q), "step": state["global_step"], "epoch": state["epoch"],
         "bands": {band: same_ranked[:, band[0] - 1: band[1]].mean().item() for band in BANDS},
         "same_mass": (same_mass / total).mean().item(),
@@ -103,7 +105,32 @@ def softmax_mass_by_part(cfg, q, k, labels, ids, queue) -> dict[str, float]:
              "query mixes": out.synthetic_logits[:, mochi.n_mix:]}
     p = torch.softmax(torch.cat(list(parts.values()), dim=1) / cfg.moco.temperature, dim=1)
     sizes = [t.shape[1] for t in parts.values()]
-    return {name: part.sum(1).mean().item() for name, part in zip(parts, p.split(sizes, dim=1))}
+    p_parts = dict(zip(parts, p.split(sizes, dim=1)))
+    mass = {name: part.sum(1).mean().item() for name, part in p_parts.items()}
+    mixes = synthesize(q, queue.keys, out.plan)[:, :mochi.n_mix]  # (B, s, D) the pair mixes themselves
+    pool = torch.zeros_like(out.neg_logits, dtype=torch.bool).scatter_(1, out.plan.hard_idx, True)
+    p_real = p_parts["real negatives"]
+    return mass, repulsion_geometry(q, {"pair mixes": torch.einsum("bs,bsd->bd", p_parts["pair mixes"], mixes),
+                                        "hard pool": (p_real * pool) @ queue.keys,
+                                        "other real": (p_real * ~pool) @ queue.keys})
+
+
+def repulsion_geometry(q: torch.Tensor, pushes: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How the negatives' parts push each query. The InfoNCE gradient in q from negatives of softmax weights
+    p_n is sum_n p_n n / T (detached mixes included, by the closed form); through the normalisation of q only
+    its part tangent to q acts. Per query: the cosine between the pair mixes' push and the hard pool's (real
+    entries) push, as a reference the cosine between the hard pool's and the other real entries', and the
+    share of the mixes' push orthogonal to the real negatives' (the direction they add); medians."""
+    tangent = {name: g - (g * q).sum(1, keepdim=True) * q for name, g in pushes.items()}  # (B, D) each
+    real = tangent["hard pool"] + tangent["other real"]
+    mix = tangent["pair mixes"]
+    along = (mix * real).sum(1, keepdim=True) / (real * real).sum(1, keepdim=True).clamp_min(1e-30) * real
+    cos = torch.nn.functional.cosine_similarity
+    return {"cos(mixes, hard pool)": cos(mix, tangent["hard pool"]).median().item(),
+            "cos(hard pool, other real)": cos(tangent["hard pool"], tangent["other real"]).median().item(),
+            "mixes' push orthogonal to the real negatives' / mixes' push":
+                ((mix - along).norm(dim=1) / mix.norm(dim=1).clamp_min(1e-30)).median().item(),
+            "mixes' push / real negatives' push": (mix.norm(dim=1) / real.norm(dim=1).clamp_min(1e-30)).median().item()}
 
 
 def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
@@ -127,6 +154,8 @@ def report(run: Path, checkpoint: str, s: dict[str, object]) -> str:
     if s["mass_by_part"] is not None:
         lines.append("- softmax mass by part of the logits (MoCHi, the run's settings and masks): " + ", ".join(
             f"{name} {value:.3f}" for name, value in s["mass_by_part"].items()) + ".")
+        lines.append("- the negatives' push on the queries (tangent part of the gradient, medians over queries): "
+                     + ", ".join(f"{name} {value:.3f}" for name, value in s["geometry"].items()) + ".")
     return "\n\n".join([head, bands, mass, debiased, "\n".join(lines)])
 
 
