@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import BankSettings, FaissNegativeBank
+from .clusters import same_cluster_mask, spherical_kmeans
 from .encoders import cosine_momentum, momentum_update
 from .errors import require
 from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
@@ -67,6 +68,14 @@ class MoCoConfig:
     """Text: the batch's other documents are negatives too (with gradient in the shared mode)."""
     max_neg_pos_ratio: float | None = None
     """Mask negatives (any source) with q.n above this share of q.k (near-duplicate false negatives); null = off."""
+    false_negative_clusters: int = 0
+    """Label-free false-negative masking: spherical k-means with this many clusters over the queue's keys, and
+    each negative in the cluster of the query's positive key is masked (:mod:`mochi_retrieval.clusters`);
+    0 = off. Needs the queue."""
+    cluster_every: int = 50
+    """Steps between k-means refreshes of those clusters (each starts from the previous centroids)."""
+    cluster_start_epoch: float = 2.0
+    """Epoch from which the cluster mask applies (early keys cluster poorly)."""
     gradient: Gradient = "query_only"
     """Text, shared encoder: detached negatives (queue, bank vectors, MoCHi) score the query only and the
     documents get the in-batch (and mined) term's gradient ("query_only"), or one softmax over all ("joint")."""
@@ -79,6 +88,12 @@ class MoCoConfig:
         require(self.momentum_schedule in ("constant", "cosine"), "momentum_schedule", "'constant' or 'cosine'",
                 self.momentum_schedule)
         require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        require(self.false_negative_clusters >= 0, "false_negative_clusters", ">= 0 (0 = off)",
+                self.false_negative_clusters)
+        require(self.false_negative_clusters == 0 or self.queue_size > 0, "false_negative_clusters",
+                "0 without a queue (the clusters are the queue's keys)", self.false_negative_clusters)
+        require(self.cluster_every >= 1, "cluster_every", ">= 1", self.cluster_every)
+        require(self.cluster_start_epoch >= 0, "cluster_start_epoch", ">= 0", self.cluster_start_epoch)
         require(self.gradient in ("query_only", "joint"), "gradient", "'query_only' or 'joint'", self.gradient)
 
 
@@ -107,6 +122,7 @@ class ContrastiveCore(nn.Module):
         self.replicate_bank = False
         self._generator: torch.Generator | None = None
         self._memories: dict[str, NegativeSource] = {}  # persistent sources, in block order
+        self.cluster_masked: Tensor | None = None  # (B, M) last step's cluster mask (a monitor's input)
 
     def _init_negatives(self, queue_size: int, dim: int, bank: BankSettings | None, bank_items: int) -> None:
         """Create the queue (K = ``queue_size``, 0 = none) and the bank over ``bank_items`` items.
@@ -115,6 +131,11 @@ class ContrastiveCore(nn.Module):
         generator, after the networks' initial weights.
         """
         self.queue = MomentumQueue(queue_size, dim) if queue_size > 0 else None
+        clusters = self.settings.false_negative_clusters
+        if clusters > queue_size:
+            raise ValueError(f"moco.false_negative_clusters={clusters} is more than the queue's {queue_size} keys")
+        # (C, D) centroids of the queue's keys; all zero until the first refresh. Saved in checkpoints.
+        self.register_buffer("fn_centroids", torch.zeros(clusters, dim) if clusters else None)
         if self.queue is not None:
             self._memories["queue"] = self.queue
         self.bank_settings = bank
@@ -202,6 +223,10 @@ class ContrastiveCore(nn.Module):
             dedupe, max_neg_pos_ratio: see :func:`~mochi_retrieval.negatives.negative_mask`.
         """
         mask = negative_mask(q, k, sources, dedupe=dedupe, max_neg_pos_ratio=max_neg_pos_ratio)
+        self.cluster_masked = self._cluster_mask(k.detach(), sources, epoch, step)
+        if self.cluster_masked is not None:
+            self.cluster_masked = self.cluster_masked & ~mask  # what the clusters add to the other rules
+            mask = mask | self.cluster_masked
         generator = self._step_generator(step, q.device) if step is not None else None
         # The contrastive head runs in float32 even under autocast.
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -230,6 +255,25 @@ class ContrastiveCore(nn.Module):
         doc_loss = info_nce_from_logits((qd * k).sum(1), negative_logits(qd, [blocks[i] for i in keep], mask[:, cols]),
                                         self.temperature)
         return out, out.loss + doc_loss
+
+    @torch.no_grad()
+    def _cluster_mask(self, k: Tensor, sources: Sequence[Source], epoch: float, step: int | None) -> Tensor | None:
+        """(B, M) negatives in the cluster of the query's positive key, or None (off, before
+        ``cluster_start_epoch``, or while the queue holds fewer real keys than clusters). Refreshes the
+        centroids every ``cluster_every`` steps from the queue's real keys (its random initial keys left out);
+        the queue is the same on every process and the draw is seeded by (seed, step), so are the centroids."""
+        c = self.settings.false_negative_clusters
+        if not c or epoch < self.settings.cluster_start_epoch:
+            return None
+        unset = not bool(self.fn_centroids.any())
+        if unset or step is None or step % self.settings.cluster_every == 0:
+            real = self.queue.keys[self.queue.ids != NO_ID]
+            if real.shape[0] < c:
+                return None
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (step or 0))
+            self.fn_centroids.copy_(spherical_kmeans(real, c, generator=generator,
+                                                     init=None if unset else self.fn_centroids))
+        return same_cluster_mask(k, [s.vectors for s in sources], self.fn_centroids)
 
     def _step_mochi(self, mask: Tensor, epoch: float) -> MoCHiConfig | None:
         """This step's MoCHi settings: None before the warm-up; the hard pool shrunk to the fewest unmasked

@@ -20,7 +20,7 @@ from .core import ContrastiveCore, MoCoConfig, no_ids
 from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
 from .encoders.split_bn import convert_split_batchnorm
 from .loss import MoCHiConfig
-from .negatives import Query, Source
+from .negatives import NO_ID, Query, Source
 
 
 class MoCo(ContrastiveCore):
@@ -52,6 +52,9 @@ class MoCo(ContrastiveCore):
             the same images, the leak shuffle BN exists to close (MoCo, section 3.3). The networks'
             BatchNorm1d/2d layers become :class:`~mochi_retrieval.encoders.split_bn.SplitBatchNorm2d` (1d)
             so that one pass normalises each group on its own (other batch norms: a pass per group).
+        false_negative_clusters: label-free false-negative masking: spherical k-means with this many
+            clusters over the queue's keys (refreshed every ``cluster_every`` steps), and each negative in the
+            cluster of the query's positive key is masked, from epoch ``cluster_start_epoch`` on; 0 = off.
         momentum_schedule: "constant", or "cosine" from m towards 1 over
             ``total_steps`` (BYOL).
         total_steps: length of the momentum schedule, in forward calls.
@@ -82,6 +85,9 @@ class MoCo(ContrastiveCore):
         bn_splits: int = 1,
         symmetric: bool = False,
         max_neg_pos_ratio: float | None = None,
+        false_negative_clusters: int = 0,
+        cluster_every: int = 50,
+        cluster_start_epoch: float = 2.0,
         momentum_schedule: str = "constant",
         total_steps: int | None = None,
         seed: int = 0,
@@ -94,7 +100,9 @@ class MoCo(ContrastiveCore):
             raise ValueError(f"MoCHi n_hard={mochi.n_hard} is larger than the queue (queue_size={queue_size})")
         settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
                               temperature=temperature, mask_same_label=mask_same_label, gradient="joint",
-                              symmetric=symmetric, max_neg_pos_ratio=max_neg_pos_ratio)
+                              symmetric=symmetric, max_neg_pos_ratio=max_neg_pos_ratio,
+                              false_negative_clusters=false_negative_clusters, cluster_every=cluster_every,
+                              cluster_start_epoch=cluster_start_epoch)
         super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
@@ -224,6 +232,8 @@ class MoCo(ContrastiveCore):
         }
         if labels is not None:
             result["query_labels"] = labels  # (2B,) when symmetric
+        if self.cluster_masked is not None:
+            result["monitors"] = cluster_monitors(self.cluster_masked, labels, queue_labels)
         if out.plan is not None:
             result.update(hard_idx=out.plan.hard_idx, pair_i=out.plan.pair_i, pair_j=out.plan.pair_j,
                           query_j=out.plan.query_j)
@@ -241,3 +251,16 @@ class MoCo(ContrastiveCore):
         cand_ids = cand_ids.to(q.device)
         groups = self.bank.text_group.to(q.device)[cand_ids]
         return Source("bank", vectors.to(q.device), cand_ids, groups, False, cand_ids < 0)
+
+
+def cluster_monitors(masked: torch.Tensor, labels: torch.Tensor | None,
+                     entry_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-step monitors of the cluster mask (B, M): the share of negatives it masks and, with labels, the
+    share of those that are the query's class (its precision as a false-negative detector)."""
+    stats = {"cluster_masked": masked.float().mean()}
+    if labels is not None:
+        entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand_as(masked)
+        same = (entries == labels.view(-1, 1)) & (entries != NO_ID)
+        stats["cluster_precision"] = (same & masked).sum() / masked.sum().clamp(min=1)
+    return stats
+

@@ -304,6 +304,8 @@ class ExperimentConfig:
                      self.model.bn_splits)
             require(not self.moco.symmetric, "moco.symmetric", "false for text runs (an image option)",
                      self.moco.symmetric)
+            require(not self.moco.false_negative_clusters, "moco.false_negative_clusters",
+                    "0 for text runs (an image option)", self.moco.false_negative_clusters)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")

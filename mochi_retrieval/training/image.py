@@ -65,7 +65,9 @@ def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int,
         queue_size=cfg.moco.queue_size, momentum=cfg.moco.momentum, temperature=cfg.moco.temperature,
         mochi=cfg.mochi.settings(), mask_same_label=cfg.moco.mask_same_label, shuffle_bn=m.shuffle_bn and not m.sync_bn,
         bn_splits=m.bn_splits, symmetric=cfg.moco.symmetric, max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio,
-        momentum_schedule=cfg.moco.momentum_schedule, total_steps=cfg.train.epochs * batches_per_epoch,
+        false_negative_clusters=cfg.moco.false_negative_clusters, cluster_every=cfg.moco.cluster_every,
+        cluster_start_epoch=cfg.moco.cluster_start_epoch, momentum_schedule=cfg.moco.momentum_schedule,
+        total_steps=cfg.train.epochs * batches_per_epoch,
         seed=cfg.seed, bank_labels=bank_labels, bank=cfg.bank.settings())
     if m.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
