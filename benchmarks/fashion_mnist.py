@@ -69,7 +69,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("moco_oracle", "moco"),
          ("bank", "mochi"))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).
-MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool")
+MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool", "cluster_masked", "cluster_precision")
 
 
 def pixel_features(root: str, standardise: bool, limit: int | None = None) -> Features:
@@ -185,7 +185,8 @@ def end_monitors(records: list[dict]) -> dict[str, float]:
 def monitors_text(m: dict) -> str:
     parts = []
     for key, short in (("accuracy", "acc"), ("pos_sim", "pos"), ("hardest_neg_sim", "hardest"),
-                       ("false_neg_hard_pool", "same-class pool")):
+                       ("false_neg_hard_pool", "same-class pool"), ("cluster_masked", "cluster-masked"),
+                       ("cluster_precision", "their same-class share")):
         if key in m:
             parts.append(f"{short} {m[key]:.2f}")
     if "loss_change_last_epoch" in m:
@@ -205,14 +206,19 @@ def _resolved(cfg) -> dict:
 
 
 def reusable(overrides: list[str], out: Path) -> dict | None:
-    """The bench.json of an earlier run in ``out`` with the same resolved config, else None."""
+    """The bench.json of an earlier run in ``out`` with the same resolved config, else None; its monitors are
+    recomputed from the run's metrics.jsonl (so a monitor added to :data:`MONITORS` later shows too)."""
     bench, saved = out / "bench.json", out / "config.yaml"
     if not (bench.is_file() and saved.is_file()):
         return None
     if _resolved(load_config(saved)) != _resolved(load_config(CONFIG, overrides)):
         print(f"{out}: its config differs from this invocation's; not reused")
         return None
-    return json.loads(bench.read_text())
+    results = json.loads(bench.read_text())
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        results["monitors"] = end_monitors([json.loads(line) for line in metrics.read_text().splitlines()])
+    return results
 
 
 def train_run(overrides: list[str], out: Path) -> dict:
