@@ -69,6 +69,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("moco_oracle", "moco"),
          ("bank", "mochi"))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).
+# Data settings a random-init network's evaluation does not read: training augmentation and loader workers.
+TRAIN_ONLY_DATA = ("crop_scale", "blur_prob", "jitter", "num_workers")
 MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool", "cluster_masked", "cluster_precision")
 
 
@@ -80,13 +82,21 @@ def pixel_features(root: str, standardise: bool, limit: int | None = None) -> Fe
     return Features(flat(tr), tr_y[:limit].long(), flat(te), te_y[:limit].long(), 10)
 
 
+def _covers(saved: object, wanted: object) -> bool:
+    """Whether saved inputs hold every wanted value; a saved dict may hold more keys, at any depth (inputs
+    narrowed later still match the rows saved with them)."""
+    if isinstance(wanted, dict):
+        return isinstance(saved, dict) and all(k in saved and _covers(saved[k], v) for k, v in wanted.items())
+    return saved == wanted
+
+
 def _cached_row(folder: Path, name: str, inputs: dict, compute, reuse: bool) -> tuple[list[object], bool]:
     """``compute()``'s table row, saved to ``folder/name.json`` with its inputs; with ``reuse``, the saved
     row when the inputs are equal (then True)."""
     path = folder / f"{name}.json"
     if reuse and path.exists():
         saved = json.loads(path.read_text())
-        if all(saved["inputs"].get(key) == value for key, value in inputs.items()):  # saved may hold more
+        if _covers(saved["inputs"], inputs):
             return saved["row"], True
     row = compute()
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,8 +138,10 @@ def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: 
             return [f"random-init {scfg.model.encoder} (floor)", seed, f"{r['knn_top1']:.4f}",
                     f"{r['linear_top1']:.4f}", f"{time.perf_counter() - start:.0f}", "-", "-"]
         # What a random-init network's evaluation depends on: its weights (the seed drawn them, then the
-        # queue and the rest) and the evaluation; not the queue, MoCHi or the training schedule.
+        # queue and the rest) and the evaluation; not the queue, MoCHi, the training schedule or the training
+        # augmentation's strengths (evaluation images are not augmented).
         inputs = {k: v for k, v in to_dict(scfg).items() if k in ("seed", "model", "data", "eval")}
+        inputs["data"] = {k: v for k, v in inputs["data"].items() if k not in TRAIN_ONLY_DATA}
         row, reused = _cached_row(cache, f"random_init_seed{seed}", inputs, random_init, reuse)
         rows.append(_mark_reused(row, reused))
     return rows
