@@ -147,13 +147,11 @@ def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: 
     return rows
 
 
-def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> tuple[float, float, float]:
-    """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side.
-
-    ``start``: a training checkpoint both models load first (weights and a trained queue, whose scores
-    are what the hard-pool selection sorts in a real run; without it the queue holds random keys)."""
-    cfg_on = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"])
-    data = build_data(cfg_on, OneCpuProcess())
+def paired_steppers(overrides: list[str], steps: int, start: Path | None = None):
+    """(the MoCo and MoCHi training steps, the data, the batches): two models from the same seed (and from ``start``, a
+    training checkpoint with weights and a trained queue, when given), MoCHi active from the first step, both
+    cycling through the same ``steps`` real batches (of the checkpoint's epoch)."""
+    data = build_data(load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"]), OneCpuProcess())
     state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
     batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
     steps_of = {}
@@ -164,7 +162,15 @@ def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> 
         if state is not None:
             model.load_state_dict(state["model"])
         steps_of[name] = training_step(model, cfg.train.lr, batches)
+    return steps_of, data, batches
 
+
+def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> tuple[float, float, float]:
+    """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side.
+
+    ``start``: a training checkpoint both models load first (weights and a trained queue, whose scores
+    are what the hard-pool selection sorts in a real run; without it the queue holds random keys)."""
+    steps_of, data, batches = paired_steppers(overrides, steps, start)
     times = interleaved_medians(steps_of, steps, torch.device("cpu"))
     batch_size = batches[0]["view_q"].shape[0]
     it = data.epoch(1)

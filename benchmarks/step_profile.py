@@ -14,12 +14,9 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import OneCpuProcess, append_results, markdown_table, training_step
-from fashion_mnist import CONFIG
+from common import append_results, markdown_table
+from fashion_mnist import paired_steppers
 from torch.profiler import ProfilerActivity, profile
-
-from mochi_retrieval.config import load_config
-from mochi_retrieval.training import build_data, build_model
 
 
 def self_ms_per_step(step, steps: int) -> dict[str, float]:
@@ -45,17 +42,8 @@ def main() -> None:
         p.error(f"--from: no checkpoint at {args.start}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    state = torch.load(args.start, map_location="cpu", weights_only=False)
-    cfg = load_config(CONFIG, ["mochi.warmup_epochs=0"])
-    data = build_data(cfg, OneCpuProcess())
-    batches = [b for _, b in zip(range(args.steps), data.epoch(state["epoch"]))]
-    profiles = {}
-    for name, enabled in (("moco", "false"), ("mochi", "true")):
-        torch.manual_seed(0)
-        run_cfg = load_config(CONFIG, ["mochi.warmup_epochs=0", f"mochi.enabled={enabled}"])
-        model = build_model(run_cfg, data.steps_per_epoch, 1)
-        model.load_state_dict(state["model"])
-        profiles[name] = self_ms_per_step(training_step(model, run_cfg.train.lr, batches), args.steps)
+    steppers, _, _ = paired_steppers([], args.steps, args.start)
+    profiles = {name: self_ms_per_step(step, args.steps) for name, step in steppers.items()}
     moco, mochi = profiles["moco"], profiles["mochi"]
     growth = sorted(((mochi.get(k, 0.0) - moco.get(k, 0.0), k) for k in set(moco) | set(mochi)), reverse=True)
     rows = [[f"`{k}`", f"{moco.get(k, 0.0):.3f}", f"{mochi.get(k, 0.0):.3f}", f"{d:+.3f}"]
