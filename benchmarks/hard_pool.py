@@ -4,7 +4,8 @@ version of ours, side by side on the same scores (interleaved, median).
 - torch.topk(scores, N): the baseline;
 - former: a 1/16 strided sample sets the threshold, candidates compacted with a two-index nonzero
   (the code before 2026-11-29, kept here as the reference);
-- ours: :func:`mochi_retrieval.mixing.hard_pool` (a 1/32 sample, one flat nonzero).
+- ours: :func:`mochi_retrieval.mixing.hard_pool`: from 32 entries per pool member a 1/32 sample and one flat
+  nonzero; below that torch.topk over integer keys ordered as the floats are (no NaN-aware float compare).
 
 All three return the same sets (checked here on every shape). Scores are q . queue for unit vectors with
 a shared direction, so each row has a tail of high scores as a trained queue does.

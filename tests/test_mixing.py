@@ -177,6 +177,32 @@ def test_fast_hard_pool_equals_topk(device, n):
     device_checks.check_hard_pool(device, n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_keys_sort_as_the_floats(dtype):
+    """The integer keys of the CPU top-N order every kind of float as the floats do: infinities, zeros,
+    subnormals, the largest finite values, ties."""
+    info = torch.finfo(dtype)
+    special = torch.tensor([float("-inf"), -info.max, -1.5, -info.tiny / 4, 0.0, info.tiny / 4, 1e-30, 1.5, 1.5,
+                            info.max, float("inf")], dtype=dtype)
+    x = torch.cat([special, torch.randn(500, generator=torch.Generator().manual_seed(0), dtype=dtype) * 10])
+    keys = mixing._order_keys(x)
+    assert keys.dtype == mixing._ORDER_INT[dtype]
+    less, key_less = x[:, None] < x[None, :], keys[:, None] < keys[None, :]
+    assert torch.equal(less, key_less)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_pool_keys_path_selects_topk_in_topk_order(dtype):
+    """At the CPU config's shape (plain path, integer keys) with masked (-inf) entries and negative scores:
+    torch.topk's indices, in the same order, so a run's draws do not depend on the path."""
+    s = torch.randn(128, 4096, generator=torch.Generator().manual_seed(1), dtype=dtype) - 0.5
+    s[:, :7] = float("-inf")
+    s[3] = -s[3].abs()  # a row of negative scores only
+    assert 256 * mixing._FAST_MIN_RATIO > s.shape[1]  # the plain (keys) path
+    torch.testing.assert_close(mixing.hard_pool(s, 256), torch.topk(s, 256, dim=1, sorted=False).indices,
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("budget", [8, 40, 1 << 16])  # 1, 5 (42 = 8 x 5 + 2) and 42 rows a chunk
 def test_chunked_pair_products_equal_the_direct_products(monkeypatch, budget):
     """Chunk sizes that split the pairs unevenly (and one chunk for all) give n_i . n_j exactly, for a shared
