@@ -14,7 +14,7 @@ the mean and spread over seeds when there are several. Also, in the same run:
 - images/s of the data pipeline alone (two augmented views per image) against
   images/s of the training step.
 
-Rows (``--rows``, all five by default):
+Rows (``--rows``, the first five by default):
 
 - ``moco``: plain MoCo-v2 (``mochi.enabled=false``);
 - ``mochi``: MoCo-v2 + MoCHi (the config's settings);
@@ -22,7 +22,11 @@ Rows (``--rows``, all five by default):
   the paper's oracle: what the false negatives cost;
 - ``moco_oracle``: plain MoCo-v2 with the same mask: against ``oracle``, what MoCHi adds once its hard
   pool holds no false negatives;
-- ``bank``: MoCHi + the image FAISS bank (``bank.enabled=true``).
+- ``bank``: MoCHi + the image FAISS bank (``bank.enabled=true``);
+- ``bank_oracle`` (only when named): the bank with the same-class mask (the bank then retrieves other
+  classes only): against ``oracle``, what the bank adds once it brings no false negatives;
+- ``copies`` (only when named): MoCHi's draws with each pair point a copy of one pool member
+  (``mochi.copies_only=true``), the control that separates mixing from re-weighting the hard pool.
 
 A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation's run folder
 (``<out>/<row>_seed<seed>/bench.json``) when that run's resolved config equals this one's (output
@@ -63,11 +67,16 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "oracle": ("MoCHi + oracle (same class masked)", ["mochi.enabled=true", "moco.mask_same_label=true"]),
     "moco_oracle": ("MoCo-v2 + oracle (same class masked)", ["mochi.enabled=false", "moco.mask_same_label=true"]),
     "bank": ("MoCHi + image FAISS bank", ["mochi.enabled=true", "bank.enabled=true"]),
+    "bank_oracle": ("MoCHi + bank + oracle", ["mochi.enabled=true", "bank.enabled=true", "moco.mask_same_label=true"]),
+    "copies": ("MoCHi's draws as copies (no mixing)", ["mochi.enabled=true", "mochi.copies_only=true"]),
 }
+DEFAULT_ROWS = ("moco", "mochi", "oracle", "moco_oracle", "bank")
 #: Differences reported paired by seed (row, baseline): MoCHi's effect with and without false negatives in its
-#: pool, what the false negatives cost, and what the bank adds.
+#: pool, what the false negatives cost, what the bank adds (with and without its false negatives), and the
+#: re-weighting control against MoCHi and MoCo.
 PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("moco_oracle", "moco"),
-         ("bank", "mochi"))
+         ("bank", "mochi"), ("bank_oracle", "oracle"), ("bank_oracle", "bank"), ("copies", "mochi"),
+         ("copies", "moco"))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).
 # Data settings a random-init network's evaluation does not read: training augmentation and loader workers.
 TRAIN_ONLY_DATA = ("crop_scale", "blur_prob", "jitter", "num_workers")
@@ -280,7 +289,7 @@ def paired_differences(summary: dict[str, dict[str, list[float]]], seeds: list[i
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS),
+    p.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(DEFAULT_ROWS),
                    help="variants to train (none: only the floors)")
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="pixel and random-network floors in the same run")

@@ -33,6 +33,10 @@ class MoCHiConfig:
             positive (q.h > q.k). At text temperatures (about 0.05) query mixes
             b q + (1 - b) n of a near-duplicate pool can outscore the positive
             and take most of the softmax mass.
+        copies_only: a control, not MoCHi: every pair point is a copy of one
+            pool member (a = 1), so the pool gets the same s extra points,
+            drawn the same way, without any synthesis. Against MoCHi it
+            separates what mixing adds from re-weighting the hard pool.
     """
 
     n_hard: int = 1024
@@ -41,6 +45,7 @@ class MoCHiConfig:
     beta_max: float = 0.5
     warmup_epochs: float = 0.0
     cap_at_positive: bool = False
+    copies_only: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_hard", "n_mix", "n_query_mix"):
@@ -157,6 +162,8 @@ def contrastive_loss(
         plan = mixing.sample_plan(
             neg, mochi.n_hard, mochi.n_mix, mochi.n_query_mix, mochi.beta_max, generator=generator
         )
+        if mochi.copies_only:  # h = normalize(1 n_i + 0 n_j) = n_i: the closed form gives s_i
+            plan.alpha.fill_(1.0)
         synthetic = mixing.synthetic_logits(q, neg, negatives, plan)
         if mochi.cap_at_positive:
             synthetic = synthetic.masked_fill(synthetic > pos.detach().unsqueeze(1), float("-inf"))

@@ -78,6 +78,27 @@ def test_loss_with_mochi_equals_reference_on_materialised_points(device):
     device_checks.check_mochi_loss_reference(device)
 
 
+def test_copies_only_control_appends_copies_of_pool_members():
+    """The re-weighting control: the same draws as MoCHi, but each pair point is the pool member n_i itself,
+    so its logit is q . n_i and the loss is InfoNCE over [positive, negatives, the copies] written out."""
+    q, k, bank = unit(5, 8, seed=1), unit(5, 8, seed=2), unit(40, 8, seed=3)
+    q.requires_grad_(True)
+    settings = dict(n_hard=6, n_mix=4, n_query_mix=0, warmup_epochs=0)
+    mix = contrastive_loss(q, k, bank, 0.2, mochi=MoCHiConfig(**settings), generator=torch.Generator().manual_seed(7))
+    out = contrastive_loss(q, k, bank, 0.2, mochi=MoCHiConfig(**settings, copies_only=True),
+                           generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out.plan.pair_i, mix.plan.pair_i)  # same draws, only a changes
+    assert (mix.plan.alpha < 1).all() and (out.plan.alpha == 1).all()
+    copies = bank[out.plan.hard_idx.gather(1, out.plan.pair_i)]  # (B, s, D)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ bank.T, torch.einsum("bd,bsd->bs", q, copies)], 1) / 0.2
+    want = F.cross_entropy(logits, torch.zeros(5, dtype=torch.long))
+    torch.testing.assert_close(out.loss, want)
+    g_out, = torch.autograd.grad(out.loss, q)
+    g_want, = torch.autograd.grad(want, q)
+    torch.testing.assert_close(g_out, g_want)
+    assert not torch.allclose(mix.loss, out.loss)
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [(dict(n_hard=1, n_mix=1), "n_hard"), (dict(beta_max=1.5), "beta_max"), (dict(n_mix=-1), "n_mix"),
