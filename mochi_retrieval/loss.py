@@ -37,6 +37,7 @@ class MoCHiConfig:
             pool member (a = 1), so the pool gets the same s extra points,
             drawn the same way, without any synthesis. Against MoCHi it
             separates what mixing adds from re-weighting the hard pool.
+            Query mixes (s') are left as they are.
     """
 
     n_hard: int = 1024
@@ -56,6 +57,8 @@ class MoCHiConfig:
                 f">= 1 when n_query_mix > 0 (n_query_mix={self.n_query_mix})", self.n_hard)
         require(0.0 < self.beta_max < 1.0, "beta_max", "in (0, 1)", self.beta_max)
         require(self.warmup_epochs >= 0, "warmup_epochs", ">= 0", self.warmup_epochs)
+        require(not self.copies_only or self.n_mix > 0, "copies_only",
+                "false when n_mix = 0 (it turns the pair mixes into copies; there are none)", self.copies_only)
 
     def active(self, epoch: float) -> bool:
         """Whether mixing is on at this (fractional) epoch."""

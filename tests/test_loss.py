@@ -102,7 +102,7 @@ def test_copies_only_control_appends_copies_of_pool_members():
 @pytest.mark.parametrize(
     "kwargs,name",
     [(dict(n_hard=1, n_mix=1), "n_hard"), (dict(beta_max=1.5), "beta_max"), (dict(n_mix=-1), "n_mix"),
-     (dict(warmup_epochs=-1), "warmup_epochs")],
+     (dict(warmup_epochs=-1), "warmup_epochs"), (dict(n_mix=0, copies_only=True), "copies_only")],
 )
 def test_config_errors_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
