@@ -105,8 +105,8 @@ def hard_pool(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
 
 
 # CPU top-k over integer keys: torch.topk compares floats through a NaN-aware comparator, integers
-# directly; on the CPU config's 128 x 4,096 scores (N = 256) the integer keys were 1.5x faster on 2 threads,
-# keys included (benchmarks/hard_pool.py), and the selection is the same, in the same order.
+# directly; on the CPU config's 128 x 4,096 scores (N = 256) hard_pool took 2.18 ms against torch.topk's 2.52
+# on 2 threads (benchmarks/hard_pool.py), and the selection is the same, in the same order.
 _ORDER_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
