@@ -93,11 +93,16 @@ def hard_pool(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
         scores = neg_logits.detach()
         if scores.device.type == "cpu" and n_hard >= _FAST_MIN_N and scores.shape[1] >= _FAST_MIN_RATIO * n_hard:
             idx = _threshold_topk(scores, n_hard)
+            finite = n_hard == 0 or bool(torch.isfinite(scores.gather(1, idx)).all())
         elif scores.device.type == "cpu" and scores.dtype in _ORDER_INT:
-            idx = torch.topk(_order_keys(scores), n_hard, dim=1, sorted=False).indices
+            top = torch.topk(_order_keys(scores), n_hard, dim=1, sorted=False)
+            idx = top.indices
+            finite = n_hard == 0 or _finite_keys(top.values)
         else:
-            idx = torch.topk(scores, n_hard, dim=1, sorted=False).indices
-        if n_hard > 0 and not torch.isfinite(scores.gather(1, idx)).all():
+            top = torch.topk(scores, n_hard, dim=1, sorted=False)
+            idx = top.indices
+            finite = n_hard == 0 or bool(torch.isfinite(top.values).all())
+        if not finite:
             raise ValueError(
                 f"n_hard={n_hard}: some query has fewer than n_hard unmasked (finite) negatives"
             )
@@ -122,6 +127,19 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     keys = bits >> (torch.iinfo(itype).bits - 1)  # 0 or -1 (all ones)
     keys.bitwise_and_(torch.iinfo(itype).max)
     return keys.bitwise_xor_(bits)
+
+
+# The keys of -inf and +inf: a key strictly between them is a finite score's.
+_KEY_BOUNDS = {dtype: tuple(_order_keys(torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist())
+               for dtype in _ORDER_INT}
+
+
+def _finite_keys(keys: torch.Tensor) -> bool:
+    """Whether every key (from :func:`_order_keys`) is a finite score's: one min-max pass over the
+    selected keys, in place of gathering the scores again."""
+    lo, hi = _KEY_BOUNDS[{torch.int32: torch.float32, torch.int64: torch.float64}[keys.dtype]]
+    low, high = torch.aminmax(keys)
+    return lo < int(low) and int(high) < hi
 
 
 # CPU top-N by thresholding: torch.topk over (256, 65536) costs more than the
@@ -196,13 +214,21 @@ def sample_plan(
     val_kw = dict(device=device, dtype=neg_logits.dtype, generator=generator)
 
     hard_idx = hard_pool(neg_logits, n_hard)
-    pair_i = torch.randint(0, max(n_hard, 1), (b, n_mix), **idx_kw)
-    # j uniform over the other N-1 members: offset i by 1..N-1 modulo N.
-    offset = torch.randint(1, max(n_hard, 2), (b, n_mix), **idx_kw)
-    pair_j = (pair_i + offset) % max(n_hard, 1)
-    alpha = torch.rand((b, n_mix), **val_kw)
-    query_j = torch.randint(0, max(n_hard, 1), (b, n_query_mix), **idx_kw)
-    beta = torch.rand((b, n_query_mix), **val_kw) * beta_max
+    # Empty draws are skipped: they consume nothing from the generator, and each call costs a few microseconds.
+    if n_mix:
+        pair_i = torch.randint(0, n_hard, (b, n_mix), **idx_kw)
+        # j uniform over the other N-1 members: offset i by 1..N-1 modulo N.
+        pair_j = torch.randint(1, n_hard, (b, n_mix), **idx_kw).add_(pair_i).remainder_(n_hard)
+        alpha = torch.rand((b, n_mix), **val_kw)
+    else:
+        pair_i = pair_j = torch.zeros((b, 0), device=device, dtype=torch.long)
+        alpha = torch.zeros((b, 0), device=device, dtype=neg_logits.dtype)
+    if n_query_mix:
+        query_j = torch.randint(0, n_hard, (b, n_query_mix), **idx_kw)
+        beta = torch.rand((b, n_query_mix), **val_kw).mul_(beta_max)
+    else:
+        query_j = torch.zeros((b, 0), device=device, dtype=torch.long)
+        beta = torch.zeros((b, 0), device=device, dtype=neg_logits.dtype)
     return MixingPlan(hard_idx, pair_i, pair_j, alpha, query_j, beta)
 
 
@@ -341,14 +367,15 @@ def synthetic_logits(
     s, s_prime = plan.n_mix, plan.n_query_mix
     parts = []
     if s:  # each branch costs a dozen small ops forward and back: skipped when it has no points
-        col_i = plan.hard_idx.gather(1, plan.pair_i)
-        col_j = plan.hard_idx.gather(1, plan.pair_j)
-        scores = _scores_at(q, neg_logits, negatives, torch.cat([col_i, col_j], dim=1))
-        s_i, s_j = scores[:, :s], scores[:, s:]
-        a = plan.alpha.to(scores.dtype)
-        c_ij = _pair_products(negatives, col_i, col_j).to(scores.dtype)
-        den1 = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * c_ij).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
-        parts.append((a * s_i + (1 - a) * s_j) / den1)
+        cols = plan.hard_idx.gather(1, torch.cat([plan.pair_i, plan.pair_j], dim=1))  # (B, 2s): i's, then j's
+        scores = _scores_at(q, neg_logits, negatives, cols)  # (B, 2s) [s_i, s_j]
+        with torch.no_grad():  # the weights a / den1 and (1-a) / den1 are constants of the step
+            a = plan.alpha.to(scores.dtype)
+            c_ij = _pair_products(negatives, cols[:, :s], cols[:, s:]).to(scores.dtype)
+            den1 = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * c_ij).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
+            weights = torch.cat([a, 1 - a], dim=1).div_(den1.repeat(1, 2))  # (B, 2s)
+        # One product and one sum carry the gradient (in place of two slices, two products, a sum and a division).
+        parts.append((scores * weights).view(-1, 2, s).sum(1))
     if s_prime:
         s_q = _scores_at(q, neg_logits, negatives, plan.hard_idx.gather(1, plan.query_j))
         b = plan.beta.to(s_q.dtype)
