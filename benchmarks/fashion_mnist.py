@@ -58,6 +58,7 @@ from mochi_retrieval.eval.knn import knn_top1
 from mochi_retrieval.eval.linear_probe import linear_probe_top1
 from mochi_retrieval.training import ImageEvaluator as Evaluator
 from mochi_retrieval.training import build_data, build_model
+from mochi_retrieval.training.host_memory import keep_freed_host_memory
 
 CONFIG = Path(__file__).parents[1] / "configs" / "fashion_mnist_resnet18.yaml"
 
@@ -160,7 +161,10 @@ def paired_steppers(overrides: list[str], steps: int, start: Path | None = None)
     """(the MoCo and MoCHi training steps, the data, the batches): two models from the same seed (and from ``start``, a
     training checkpoint with weights and a trained queue, when given), MoCHi active from the first step, both
     cycling through the same ``steps`` real batches (of the checkpoint's epoch)."""
-    data = build_data(load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"]), OneCpuProcess())
+    first = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"])
+    if first.train.keep_host_memory:  # as training does (mochi_retrieval.training.runner)
+        keep_freed_host_memory()
+    data = build_data(first, OneCpuProcess())
     state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
     batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
     steps_of = {}
@@ -227,6 +231,7 @@ def _resolved(cfg) -> dict:
     d = to_dict(cfg)
     d.pop("output_dir")
     d["train"].pop("resume")
+    d["train"].pop("keep_host_memory")  # where freed memory goes, not what is computed
     if not d["mochi"]["enabled"]:
         d["mochi"] = {"enabled": False, "n_hard": d["mochi"]["n_hard"]}
     return d

@@ -195,6 +195,10 @@ class TrainConfig:
     """Keep the newest N checkpoints (``checkpoints/step-N.pt``); ``checkpoints/last.pt`` links the newest."""
     resume: bool = True
     """Resume from the latest checkpoint in ``output_dir`` when there is one."""
+    keep_host_memory: bool = True
+    """Keep freed host memory in the process (glibc malloc thresholds, see
+    :mod:`mochi_retrieval.training.host_memory`) rather than returning it to the OS each step, so steps do not
+    fault their pages in again; no effect off Linux/glibc. Results are the same either way."""
     dist_timeout_minutes: float = 30.0
     """Several processes: give up on a collective after this long (a process died or hangs) and stop with a
     message. It must exceed what the main process does alone, such as the kNN monitor and checkpoint writes."""

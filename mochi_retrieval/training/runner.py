@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ExperimentConfig, save_config
+from .host_memory import keep_freed_host_memory
 from .loop import Trainer, TrainingInterrupted
 from .recipe import fingerprint, recipe_for, settings_from
 
@@ -32,6 +33,8 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
                          InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.dist_timeout_minutes))],
     )
     set_seed(cfg.seed)
+    if cfg.train.keep_host_memory:
+        keep_freed_host_memory()
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
