@@ -280,7 +280,7 @@ class ContrastiveCore(nn.Module):
         negatives of any query (masks and duplicates vary per step); None when under 2 remain."""
         if self.mochi is None or not self.mochi.active(epoch):
             return None
-        left = int((~mask).sum(1).min())
+        left = mask.shape[1] - int(mask.sum(1).max())  # the fewest unmasked negatives of any query
         if left >= self.mochi.n_hard:
             return self.mochi
         if left < 2:
