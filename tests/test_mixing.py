@@ -203,6 +203,25 @@ def test_hard_pool_keys_path_selects_topk_in_topk_order(dtype):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype,width,n", [
+    (torch.float32, 600, 64),  # integer keys
+    (torch.float64, 600, 64),  # integer keys
+    (torch.bfloat16, 600, 64),  # plain torch.topk (no integer keys for this dtype)
+    (torch.float32, 8192, 128),  # thresholding path
+])
+def test_hard_pool_refuses_a_pool_with_non_finite_scores(dtype, width, n):
+    """Each path's finiteness check: a row with exactly n finite scores passes; one masked entry more, or a +inf
+    or NaN score among a row's top n, is an error (the bound keys of -inf and +inf are exclusive)."""
+    s = torch.rand(4, width, generator=torch.Generator().manual_seed(0)).to(dtype)
+    s[2, n:] = float("-inf")  # exactly n finite
+    assert mixing.hard_pool(s, n).shape == (4, n)
+    for bad in (float("-inf"), float("inf"), float("nan")):
+        t = s.clone()
+        t[2, 0] = bad  # -inf: n - 1 finite; +inf/NaN: a non-finite score ranks among the top n
+        with pytest.raises(ValueError, match="fewer than n_hard unmasked"):
+            mixing.hard_pool(t, n)
+
+
 @pytest.mark.parametrize("budget", [8, 40, 1 << 16])  # 1, 5 (42 = 8 x 5 + 2) and 42 rows a chunk
 def test_chunked_pair_products_equal_the_direct_products(monkeypatch, budget):
     """Chunk sizes that split the pairs unevenly (and one chunk for all) give n_i . n_j exactly, for a shared
