@@ -137,6 +137,8 @@ _KEY_BOUNDS = {dtype: tuple(_order_keys(torch.tensor([-math.inf, math.inf], dtyp
 def _finite_keys(keys: torch.Tensor) -> bool:
     """Whether every key (from :func:`_order_keys`) is a finite score's: one min-max pass over the
     selected keys, in place of gathering the scores again."""
+    if keys.numel() == 0:  # an empty batch
+        return True
     lo, hi = _KEY_BOUNDS[{torch.int32: torch.float32, torch.int64: torch.float64}[keys.dtype]]
     low, high = torch.aminmax(keys)
     return lo < int(low) and int(high) < hi
@@ -320,7 +322,7 @@ def _shared_pair_products(bank: torch.Tensor, col_i: torch.Tensor, col_j: torch.
     """(P,) products bank[col_i] . bank[col_j] for one (M, D) bank, through two reused chunk buffers:
     allocating each chunk's rows anew costs more than the gather itself on a CPU."""
     p, d = col_i.numel(), bank.shape[1]
-    n = min(p, max(1, _GATHER_BUDGET // d))
+    n = max(1, min(p, _GATHER_BUDGET // d))  # at least one row (also for an empty batch)
     buf_i, buf_j = bank.new_empty((n, d)), bank.new_empty((n, d))
     out = bank.new_empty(p)
     for start in range(0, p, n):
@@ -375,7 +377,7 @@ def synthetic_logits(
             den1 = (a * a + (1 - a) ** 2 + 2 * a * (1 - a) * c_ij).clamp_min(0).sqrt().clamp_min(_NORM_EPS)
             weights = torch.cat([a, 1 - a], dim=1).div_(den1.repeat(1, 2))  # (B, 2s)
         # One product and one sum carry the gradient (in place of two slices, two products, a sum and a division).
-        parts.append((scores * weights).view(-1, 2, s).sum(1))
+        parts.append((scores * weights).view(scores.shape[0], 2, s).sum(1))
     if s_prime:
         s_q = _scores_at(q, neg_logits, negatives, plan.hard_idx.gather(1, plan.query_j))
         b = plan.beta.to(s_q.dtype)

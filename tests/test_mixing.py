@@ -237,3 +237,13 @@ def test_chunked_pair_products_equal_the_direct_products(monkeypatch, budget):
     shared_i, shared_j = col_i % 40, col_j % 40
     torch.testing.assert_close(mixing._pair_products(bank, shared_i, shared_j),
                                (bank[shared_i] * bank[shared_j]).sum(-1), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_an_empty_batch_gets_empty_draws_and_logits(dtype):
+    q = torch.zeros(0, 8, dtype=dtype, requires_grad=True)
+    bank = unit(20, 8, seed=0).to(dtype)
+    neg = q @ bank.t()
+    plan = sample_plan(neg, 4, 3, 2)
+    assert plan.hard_idx.shape == (0, 4) and plan.pair_i.shape == (0, 3) and plan.query_j.shape == (0, 2)
+    assert mixing.synthetic_logits(q, neg, bank, plan).shape == (0, 5)
