@@ -16,7 +16,7 @@ import re
 import statistics
 
 from common import RESULTS, append_results, markdown_table
-from fashion_mnist import PAIRS, ROWS
+from fashion_mnist import PAIRS, ROWS, spread
 
 TITLE = "fashion_mnist: MoCo-v2, MoCHi, oracle, bank vs floors"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d) UTC;", re.M)
@@ -66,9 +66,6 @@ def joined(text: str, stamps: list[str]) -> dict[tuple[str, int], tuple[float, f
 
 
 def tables(rows: dict[tuple[str, int], tuple[float, float | None]], seeds: list[int]) -> str:
-    def spread(values: list[float]) -> str:
-        return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else "-"
-
     means = []
     for name, _ in ROWS.values():
         got = [rows[(name, s)] for s in seeds if (name, s) in rows]

@@ -130,8 +130,8 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 # The keys of -inf and +inf: a key strictly between them is a finite score's.
-_KEY_BOUNDS = {dtype: tuple(_order_keys(torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist())
-               for dtype in _ORDER_INT}
+_KEY_BOUNDS = {itype: tuple(_order_keys(torch.tensor([-math.inf, math.inf], dtype=dtype)).tolist())
+               for dtype, itype in _ORDER_INT.items()}
 
 
 def _finite_keys(keys: torch.Tensor) -> bool:
@@ -139,7 +139,7 @@ def _finite_keys(keys: torch.Tensor) -> bool:
     selected keys, in place of gathering the scores again."""
     if keys.numel() == 0:  # an empty batch
         return True
-    lo, hi = _KEY_BOUNDS[{torch.int32: torch.float32, torch.int64: torch.float64}[keys.dtype]]
+    lo, hi = _KEY_BOUNDS[keys.dtype]
     low, high = torch.aminmax(keys)
     return lo < int(low) and int(high) < hi
 

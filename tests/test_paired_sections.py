@@ -1,22 +1,13 @@
 """benchmarks/paired_sections.py: rows of several RESULTS.md gathers joined and paired by seed."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "paired_sections.py"
-
-
-@pytest.fixture(scope="module")
-def ps():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("paired_sections", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import paired_sections as ps  # noqa: E402
 
 
 def section(stamp: str, rows: list[tuple[str, int, str, str]]) -> str:
@@ -27,7 +18,7 @@ def section(stamp: str, rows: list[tuple[str, int, str, str]]) -> str:
             f"{table}\n\n| method | seeds | kNN mean ± sd |\n|---|---|---|\n| MoCo-v2 | 2 | 0.5 ± 0.1 |\n")
 
 
-def test_two_gathers_are_paired_by_seed(ps):
+def test_two_gathers_are_paired_by_seed():
     text = ("# RESULTS\n" + section("2026-01-01 10:00", [("MoCo-v2", 0, "0.8000", "0.8500"),
                                                         ("MoCo-v2", 1, "0.8100", "0.8400"),
                                                         ("raw pixels", 0, "0.7000", "-")])
@@ -42,7 +33,7 @@ def test_two_gathers_are_paired_by_seed(ps):
     assert "| MoCo-v2 | 2 | 0.8050 ± 0.0071 | 0.8450 ± 0.0071 |" in out
 
 
-def test_disagreeing_rows_and_unknown_stamps_are_errors(ps):
+def test_disagreeing_rows_and_unknown_stamps_are_errors():
     text = section("2026-01-01 10:00", [("MoCo-v2", 0, "0.8000", "0.8500")]) + section(
         "2026-01-01 11:00", [("MoCo-v2", 0, "0.8001", "0.8500")])
     with pytest.raises(SystemExit, match="MoCo-v2 seed 0"):
