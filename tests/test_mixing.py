@@ -247,3 +247,23 @@ def test_an_empty_batch_gets_empty_draws_and_logits(dtype):
     plan = sample_plan(neg, 4, 3, 2)
     assert plan.hard_idx.shape == (0, 4) and plan.pair_i.shape == (0, 3) and plan.query_j.shape == (0, 2)
     assert mixing.synthetic_logits(q, neg, bank, plan).shape == (0, 5)
+
+
+def test_draws_are_the_documented_stream():
+    """sample_plan's draws, written out in the order they are taken from the generator: the pool (no draws),
+    i ~ U{0..N-1}, an offset ~ U{1..N-1} (j = i + offset mod N), a ~ U(0, 1), then the query mixes' j and b.
+    A change to the head that reorders or adds draws changes every run's trajectory; this pins them."""
+    _, _, logits = setup()
+    n, s, s_q, b_max = 10, 7, 5, 0.3
+    plan = sample_plan(logits, n, s, s_q, beta_max=b_max, generator=torch.Generator().manual_seed(21))
+    g = torch.Generator().manual_seed(21)
+    b = logits.shape[0]
+    pair_i = torch.randint(0, n, (b, s), generator=g)
+    pair_j = (pair_i + torch.randint(1, n, (b, s), generator=g)) % n
+    alpha = torch.rand((b, s), generator=g)
+    query_j = torch.randint(0, n, (b, s_q), generator=g)
+    beta = torch.rand((b, s_q), generator=g) * b_max
+    assert torch.equal(plan.hard_idx, torch.topk(logits.detach(), n, dim=1, sorted=False).indices)
+    for got, want in ((plan.pair_i, pair_i), (plan.pair_j, pair_j), (plan.alpha, alpha), (plan.query_j, query_j),
+                      (plan.beta, beta)):
+        assert torch.equal(got, want)
