@@ -158,6 +158,14 @@ def unshuffle_batch(y: torch.Tensor, unshuffle_idx: torch.Tensor, group=None) ->
     return gathered[mine]
 
 
+def collective_device(group=None) -> torch.device:
+    """Where tensors for a collective of ``group`` must live: this process's CUDA device under NCCL (which
+    refuses CPU tensors), else the CPU."""
+    if is_distributed() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
     """Names of the tensors that differ between processes (empty when all agree).
@@ -169,10 +177,11 @@ def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
         return []
     names = sorted(tensors)
     sums = []
-    for name in names:
+    device = collective_device(group)
+    for name in names:  # each checksum where its tensor lives (a CPU bank beside CUDA queues), then gathered
         flat = tensors[name].detach().reshape(-1).double()
         weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
-        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]).to(device))
     local = torch.stack(sums)  # (n_tensors, 2)
     gathered = all_gather_cat(local.unsqueeze(0), group)  # (world, n_tensors, 2)
     differs = (gathered != gathered[:1]).any(dim=2).any(dim=0)

@@ -29,15 +29,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .bank import BankSettings
+from .bank import BankCorpus, BankSettings, RefreshPolicy
+from .bank.refresh import shard
 from .core import ContrastiveCore, Gradient, MoCoConfig
 from .encoders import encode_in_batches, encoder_output_dim, eval_mode, make_momentum_copy
 from .grad_cache import GradCache
@@ -48,19 +48,6 @@ from .negatives import NO_ID, Query, Source, false_negative_mask
 logger = logging.getLogger(__name__)
 
 TokenBatch = Mapping[str, Tensor]
-
-
-@dataclass
-class BankCorpus:
-    """The documents a bank indexes: ids (N,) in the doc-id space and their (prefixed) texts."""
-
-    ids: Tensor
-    texts: Sequence[str]
-
-    def __post_init__(self) -> None:
-        if len(self.texts) != self.ids.numel() or not len(self.texts):
-            raise ValueError(f"bank corpus: {self.ids.numel()} ids for {len(self.texts)} texts")
-
 
 
 class TextMoCo(ContrastiveCore):
@@ -93,6 +80,12 @@ class TextMoCo(ContrastiveCore):
         grad_cache_chunk: encode in chunks of this many texts with GradCache (same
             gradient, memory of one chunk); None = one pass.
         seed: seeds the MoCHi draws of step t as (seed, t, rank).
+        steps_per_update: forward calls per optimiser step (gradient accumulation): the bank's schedule
+            (initial pass, full and rolling refreshes, staleness) counts optimiser steps.
+
+    The bank is kept fresh by :meth:`maintain_bank`, which :meth:`forward` calls at the first forward call of
+    each optimiser step: the initial pass over ``bank_corpus`` when the bank is empty, a full refresh every
+    ``bank.refresh_every`` steps, otherwise a rolling slice of ceil(N / ``bank.max_staleness``) rows.
     """
 
     def __init__(
@@ -116,6 +109,7 @@ class TextMoCo(ContrastiveCore):
         token_groups: Mapping[tuple[int, ...], int] | None = None,
         grad_cache_chunk: int | None = None,
         seed: int = 0,
+        steps_per_update: int = 1,
     ) -> None:
         if key_encoder not in ("shared", "momentum"):
             raise ValueError(f"key_encoder must be 'shared' or 'momentum', got {key_encoder!r}")
@@ -123,6 +117,8 @@ class TextMoCo(ContrastiveCore):
             raise ValueError("no negatives: enable in-batch negatives, the queue (queue_size > 0) or the bank")
         if bank is not None and bank_corpus is None:
             raise ValueError("a bank needs bank_corpus (the documents it indexes)")
+        if steps_per_update < 1:
+            raise ValueError(f"steps_per_update must be >= 1, got {steps_per_update}")
         if grad_cache_chunk is not None and grad_cache_chunk < 1:
             raise ValueError(f"grad_cache_chunk must be >= 1 or None, got {grad_cache_chunk}")
         settings = MoCoConfig(queue_size=queue_size, momentum=momentum, momentum_schedule=momentum_schedule,
@@ -146,7 +142,13 @@ class TextMoCo(ContrastiveCore):
         self.max_neg_pos_ratio = max_neg_pos_ratio
         self.bank_corpus = bank_corpus
         self._text_of = dict(zip(bank_corpus.ids.tolist(), bank_corpus.texts)) if bank_corpus is not None else {}
-        self.refresh_log: list[dict[str, float]] = []
+        self.refresh_policy = None if bank is None else RefreshPolicy(len(bank_corpus), bank.refresh_every,
+                                                                        bank.max_staleness)
+        self.steps_per_update = steps_per_update
+        self.refresh_log: list[dict[str, float]] = []  # the initial pass and the full refreshes
+        self.bank_seconds = {"initial": 0.0, "full": 0.0, "rolling": 0.0}  # encoding for the bank, by kind
+        self._maintained: int | None = None  # the optimiser step the bank was last brought up to date for
+        self._clock: float | None = None  # wall clock at the end of the initial pass (encode-share monitor)
 
     # ------------------------------------------------------------------ encoders
     @property
@@ -166,40 +168,94 @@ class TextMoCo(ContrastiveCore):
 
     # ------------------------------------------------------------------ bank
     def bank_due(self, step: int | None) -> bool:
+        """Whether optimiser step ``step`` starts with the initial pass or a full refresh."""
         if self.bank is None:
             return False
         if len(self.bank) == 0:
             return True
-        r = self.bank_settings.refresh_every
-        return r > 0 and step is not None and step > 0 and step % r == 0
+        return step is not None and self.refresh_policy.full_due(step)
+
+    def maintain_bank(self, step: int | None) -> float:
+        """Bring the bank up to date before optimiser step ``step`` (once per step): the initial pass when it
+        is empty, a full refresh when due, else this step's rolling slice. Returns the seconds it took."""
+        if self.bank is None or (step is not None and self._maintained == step):
+            return 0.0
+        self._maintained = step
+        if self.bank_due(step):
+            return self.refresh_bank(step)
+        if step is None:
+            return 0.0
+        rows = self.refresh_policy.rolling_rows(step)
+        return self._refresh_rows(rows, step) if rows.numel() else 0.0
 
     @torch.no_grad()
     def refresh_bank(self, step: int | None = None, progress: bool = False) -> float:
-        """Re-embed the bank's documents with the key encoder (eval mode); returns the seconds it took.
+        """Re-embed all of the bank's documents with the key encoder (eval mode); returns the seconds it took.
 
         Each process embeds a 1/W slice and the slices are gathered, so every
         process holds the same bank.
         """
         start = time.perf_counter()
+        kind = "initial" if len(self.bank) == 0 else "full"
+        texts = list(self.bank_corpus.texts)
+        emb = self._embed(texts, progress=progress or (kind == "initial" and len(texts) > 10_000),
+                          desc=f"bank {kind} pass")
+        key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
+        ids = self.bank_corpus.ids
+        self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids], step=-1 if step is None else step)
+        seconds = time.perf_counter() - start
+        self.bank_seconds[kind] += seconds
+        self.refresh_log.append({"step": -1 if step is None else step, "seconds": seconds, "documents": len(texts),
+                                 "kind": kind})
+        logger.info("bank %s pass at step %s: %d documents in %.1f s (%.0f documents/s)", kind, step, len(texts),
+                    seconds, len(texts) / max(seconds, 1e-9))
+        if kind == "initial":
+            self._clock = time.perf_counter()
+        return seconds
+
+    @torch.no_grad()
+    def _refresh_rows(self, rows: Tensor, step: int) -> float:
+        """Re-embed the bank rows ``rows`` (m,) (a rolling slice), written at ``step``."""
+        start = time.perf_counter()
+        texts = [self.bank_corpus.texts[r] for r in rows.tolist()]
+        emb = self._embed(texts, progress=False, desc="bank rolling refresh")
+        self.bank.update(self.bank_corpus.ids[rows], emb, step=step)
+        seconds = time.perf_counter() - start
+        self.bank_seconds["rolling"] += seconds
+        return seconds
+
+    def _embed(self, texts: list[str], progress: bool, desc: str) -> Tensor:
+        """(len(texts), D) unit embeddings by the key network in eval mode, each process embedding its share
+        (possibly none) and the shares gathered in rank order."""
         net = self._key_net()
         device = self.doc_groups.device
         tokenize = self.query_encoder.tokenize
-        world, rank = distributed.world_size(), distributed.rank()
-        texts = list(self.bank_corpus.texts)
-        per = math.ceil(len(texts) / world)
-        mine = texts[rank * per : (rank + 1) * per]
-        with eval_mode(net):
-            emb = encode_in_batches(
-                lambda batch: net({k: v.to(device) for k, v in tokenize(batch).items()}).float(),
-                mine, self.bank_settings.encode_batch_size, "bank refresh", progress)
-        emb = distributed.all_gather_cat(emb.to(device))
-        ids = self.bank_corpus.ids
-        key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
-        self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids])
-        seconds = time.perf_counter() - start
-        self.refresh_log.append({"step": -1 if step is None else step, "seconds": seconds, "documents": len(texts)})
-        logger.info("bank refresh at step %s: %d documents in %.1f s", step, len(texts), seconds)
-        return seconds
+        index = shard(torch.arange(len(texts)), distributed.world_size(), distributed.rank())
+        mine = [texts[i] for i in index.tolist()]
+        emb = torch.empty(0, encoder_output_dim(self.query_encoder))
+        if mine:
+            with eval_mode(net):
+                emb = encode_in_batches(
+                    lambda batch: net({k: v.to(device) for k, v in tokenize(batch).items()}).float(),
+                    mine, self.bank_settings.encode_batch_size, desc, progress and distributed.rank() == 0)
+        return distributed.all_gather_cat(emb.to(device))
+
+    @torch.no_grad()
+    def _bank_monitors(self, step: int | None) -> dict[str, Tensor]:
+        """Staleness (in optimiser steps) of the rows served this step, and the share of wall time spent
+        encoding for the bank since the initial pass."""
+        if self.bank is None or step is None or getattr(self.bank, "last_rows", None) is None:
+            return {}
+        age = self.bank.staleness(step)
+        age = age[~age.isnan()]
+        stats: dict[str, Tensor] = {}
+        if age.numel():
+            stats.update(bank_staleness_mean=age.mean(), bank_staleness_max=age.max())
+        if self._clock is not None:
+            wall = time.perf_counter() - self._clock
+            spent = self.bank_seconds["full"] + self.bank_seconds["rolling"]
+            stats["bank_encode_share"] = torch.tensor(spent / wall if wall > 0 else 0.0)
+        return stats
 
     # ------------------------------------------------------------------ step
     def _lookup(self, table: Tensor, ids: Tensor) -> Tensor:
@@ -246,8 +302,10 @@ class TextMoCo(ContrastiveCore):
             ``monitors`` (a dict of scalar tensors: softmax mass per source,
             mean doc-doc cosine of the batch, false-negative share of the hard pool).
         """
-        if self.bank_due(step):
-            self.refresh_bank(step)
+        update = None if step is None else step // self.steps_per_update
+        if step is None or step % self.steps_per_update == 0:
+            self.maintain_bank(update)
+        self.bank_stamp = -1 if update is None else update
         cache = GradCache(self.grad_cache_chunk)
         exclude = ids.view(-1, 1) if exclude is None else exclude
         exclude_groups = self._groups_of(exclude)
@@ -263,7 +321,9 @@ class TextMoCo(ContrastiveCore):
                                           step=step, documents_grad=self.shared,
                                           max_neg_pos_ratio=self.max_neg_pos_ratio)
         loss = cache.attach(loss)
+        self._write_back_mined(sources)
         monitors = self._monitors(out, k.detach(), ids, sources)
+        monitors.update(self._bank_monitors(update))
         return {"loss": loss, "accuracy": out.accuracy, "q": q.detach(), "k": k.detach(),
                 "pos_logits": out.pos_logits.detach(), "neg_logits": out.neg_logits.detach(), "monitors": monitors}
 
@@ -294,6 +354,18 @@ class TextMoCo(ContrastiveCore):
                                   self._groups_of(bank_ids), False, (bank_ids < 0).to(device)))
         return sources
 
+    @torch.no_grad()
+    def _write_back_mined(self, sources: list[Source]) -> None:
+        """With ``bank.update_with_mined``: the mined documents' fresh embeddings (every process's, the same on
+        each) replace their bank rows."""
+        if self.bank is None or not self.bank_settings.update_with_mined:
+            return
+        for s in sources:
+            if s.name == "mined":
+                known = self.bank.contains(s.ids)
+                if known.any():
+                    self.bank.update(s.ids.cpu()[known], s.vectors.detach().cpu()[known], step=self.bank_stamp)
+
     def bank_corpus_text(self, doc_id: int) -> str:
         """The (prefixed) text of a bank document by doc id."""
         return self._text_of[doc_id]
@@ -319,7 +391,8 @@ class TextMoCo(ContrastiveCore):
             relative = min(ratios) * (q * k).sum(1).detach()
             ceiling = relative if ceiling is None else relative.clamp(max=ceiling)
         # A query may have fewer documents left under its ceiling than n + c: -1 pads its slots.
-        found, vectors = self.bank.candidates(q.detach(), n + c, exclude=excl, exclude_text_dupes=True,
+        key = self.doc_families if s.exclude_family else self.doc_groups
+        found, vectors = self.bank.candidates(q.detach(), n + c, exclude=excl, exclude_groups=self._lookup(key, excl),
                                               skip_top=s.skip_top, max_similarity=ceiling, allow_fewer=True)
         # A mined slot left empty holds the query's own positive: masked for it (false negative) and, as a
         # duplicate of an in-batch document, for every other query. The batch keeps a fixed shape.

@@ -205,12 +205,12 @@ class _FakeGpuFaiss:
 def test_gpu_index_is_sharded_over_several_gpus(monkeypatch, gpus, want) -> None:
     import faiss
 
-    from mochi_retrieval import bank as bank_module
+    from mochi_retrieval.bank import index as index_module
 
-    monkeypatch.setattr(bank_module, "faiss_num_gpus", lambda: gpus)
+    monkeypatch.setattr(index_module, "faiss_num_gpus", lambda: gpus)
     fake = _FakeGpuFaiss()
     bank = FaissNegativeBank(device="cpu")
-    assert bank._to_gpu(fake, faiss.IndexFlatIP(4)) is not None and fake.calls == [want]
+    assert bank.index._to_gpu(fake, faiss.IndexFlatIP(4)) is not None and fake.calls == [want]
 
 
 def test_allow_fewer_pads_queries_left_short_instead_of_raising():

@@ -77,12 +77,16 @@ class TextPairs:
         examples: the pairs, in source order.
         source: where they came from, for messages.
         doc_ids, doc_texts: the BEIR corpus (for a negative bank), or None for pair files.
+        query_positives: whitespace-normalised query text -> every doc index judged relevant to it (the
+            qrels), kept by :meth:`subset` so that a positive whose pair was not drawn stays masked; None =
+            from the examples.
     """
 
     examples: list[TextPair]
     source: str = "text pairs"
     doc_ids: list[str] | None = None
     doc_texts: list[str] | None = None
+    query_positives: dict[str, frozenset[int]] | None = None
     num_negatives: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -130,16 +134,28 @@ class TextPairs:
         return torch.arange(len(self.examples), dtype=torch.long)
 
     def positive_doc_sets(self) -> list[frozenset[int]]:
-        """Per example, every doc index paired with its query text (whitespace-normalised).
+        """Per example, every doc index judged relevant to its query text (whitespace-normalised): from the
+        qrels (:attr:`query_positives`) when known, else from the examples.
 
         A query with several relevant documents must not get the others as
         negatives; empty sets when the examples carry no doc ids.
         """
+        by_query = self.query_positives if self.query_positives is not None else self._positives_of_examples()
+        return [frozenset(by_query.get(" ".join(ex.query.split()), ())) for ex in self.examples]
+
+    def _positives_of_examples(self) -> dict[str, frozenset[int]]:
         by_query: dict[str, set[int]] = {}
         for ex in self.examples:
             if ex.doc_id is not None:
                 by_query.setdefault(" ".join(ex.query.split()), set()).add(ex.doc_id)
-        return [frozenset(by_query.get(" ".join(ex.query.split()), ())) for ex in self.examples]
+        return {q: frozenset(d) for q, d in by_query.items()}
+
+    def subset(self, indices: Sequence[int], source: str) -> TextPairs:
+        """The examples at ``indices``, keeping the corpus and every query's judged positives (so a relevant
+        document whose pair was not drawn is still no negative of its query)."""
+        positives = self.query_positives if self.query_positives is not None else (
+            self._positives_of_examples() if self.examples[0].doc_id is not None else None)
+        return TextPairs([self.examples[i] for i in indices], source, self.doc_ids, self.doc_texts, positives)
 
     def positive_id_sets(self) -> list[frozenset[int]]:
         """Per example, every id of :meth:`ids` that is a positive of its query text.

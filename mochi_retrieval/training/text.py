@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..config import ExperimentConfig
 from ..data.images import Sharding
@@ -70,8 +71,7 @@ def load_pairs(cfg: ExperimentConfig) -> TextPairs:
     if d.limit is not None and d.limit < len(pairs):
         g = torch.Generator().manual_seed(cfg.seed)
         keep = sorted(torch.randperm(len(pairs), generator=g)[: d.limit].tolist())
-        pairs = TextPairs([pairs.examples[i] for i in keep], f"{pairs.source} ({d.limit} drawn)",
-                          pairs.doc_ids, pairs.doc_texts)
+        pairs = pairs.subset(keep, f"{pairs.source} ({d.limit} drawn)")
     return pairs
 
 
@@ -95,13 +95,14 @@ def build_text_data(cfg: ExperimentConfig, accelerator, pairs: TextPairs, encode
 
 
 def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_per_epoch: int) -> TextMoCo:
-    docs = pairs.doc_space()
     bank, corpus = cfg.bank.settings(), None
-    if bank is not None:
-        ids = pairs.training_doc_ids()
-        corpus = BankCorpus(ids, [cfg.data.document_prefix + docs[i] for i in ids.tolist()])
+    docs, bank_ids = bank_documents(cfg, pairs) if bank is not None else (pairs.doc_space(), None)
     # False negatives are judged on what the encoder sees: the prefixed text after truncation.
     groups, table = token_groups([cfg.data.document_prefix + d for d in docs], encoder.tokenize)
+    if bank is not None:
+        bank_ids = leave_out_eval_documents(cfg, bank_ids, groups)
+        corpus = BankCorpus(bank_ids, [cfg.data.document_prefix + docs[i] for i in bank_ids.tolist()])
+        logger.info("bank over %d documents (bank.corpus=%s)", len(corpus), bank.corpus)
     return TextMoCo(
         encoder, groups, key_encoder=cfg.model.key_encoder, queue_size=cfg.moco.queue_size,
         momentum=cfg.moco.momentum, momentum_schedule=cfg.moco.momentum_schedule,
@@ -109,7 +110,58 @@ def build_text_model(cfg: ExperimentConfig, pairs: TextPairs, encoder, batches_p
         in_batch_negatives=cfg.moco.in_batch_negatives, mochi=cfg.mochi.settings(), bank=bank, bank_corpus=corpus,
         max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio, gradient=cfg.moco.gradient,
         doc_families=family_groups(docs), token_groups=table, grad_cache_chunk=cfg.model.grad_cache_chunk,
-        seed=cfg.seed)
+        seed=cfg.seed, steps_per_update=cfg.train.grad_accum_steps)
+
+
+def bank_documents(cfg: ExperimentConfig, pairs: TextPairs) -> tuple[list[str], Tensor]:
+    """The document space (texts; ids index it) and the ids of the documents the bank holds (sorted), for
+    ``bank.corpus``: ``pairs`` (the training pairs' positives), ``all`` (every document of the data set's
+    corpus) or a documents file. A file's documents join the document space, except those already in it
+    (same ``_id`` and same text as a data-set document), which keep their id."""
+    docs, choice = pairs.doc_space(), cfg.bank.corpus
+    if choice == "pairs":
+        return docs, pairs.training_doc_ids()
+    if choice == "all":
+        if pairs.doc_texts is None:
+            raise ValueError(f"bank.corpus=all needs a data set with a corpus (a BEIR folder or data.dataset=debian); "
+                             f"data.root={cfg.data.root!r} is a pairs file: pass bank.corpus=PATH of a documents file")
+        return docs, torch.arange(len(docs))
+    from ..data.documents import load_documents
+
+    file_ids, file_texts = load_documents(choice)
+    known = {(i, t): n for n, (i, t) in enumerate(zip(pairs.doc_ids or [], docs))} if pairs.doc_ids else {}
+    docs = list(docs)
+    ids = []
+    for doc_id, text in zip(file_ids, file_texts):
+        n = known.get((doc_id, text))
+        if n is None:
+            n = len(docs)
+            docs.append(text)
+        ids.append(n)
+    return docs, torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+
+def leave_out_eval_documents(cfg: ExperimentConfig, bank_ids: Tensor, groups: Tensor) -> Tensor:
+    """``bank_ids`` without the documents judged in ``eval.split`` (and any with the same tokenised input),
+    unless ``bank.include_eval_documents``: a run must not train against the documents it is scored on."""
+    root = Path(cfg.data.root)
+    qrels = root / "qrels" / f"{cfg.eval.split}.tsv"
+    if cfg.bank.include_eval_documents or not root.is_dir() or not qrels.is_file() or cfg.eval.split == cfg.data.split:
+        return bank_ids
+    from ..data.beir import load_beir
+
+    data = load_beir(root, cfg.eval.split)
+    index = {d: i for i, d in enumerate(data.doc_ids)}
+    judged = torch.tensor(sorted({index[d] for rel in data.qrels.values() for d in rel}), dtype=torch.long)
+    held_out = torch.isin(groups[bank_ids], groups[judged])
+    if held_out.any():
+        logger.info("bank: %d documents of eval split %r left out (bank.include_eval_documents=true keeps them)",
+                    int(held_out.sum()), cfg.eval.split)
+    kept = bank_ids[~held_out]
+    if not kept.numel():
+        raise ValueError(f"bank.corpus={cfg.bank.corpus!r}: every document is judged in eval split "
+                         f"{cfg.eval.split!r}; set bank.include_eval_documents=true or choose another corpus")
+    return kept
 
 
 class TextEvaluator:
@@ -177,12 +229,18 @@ def export_text_model(cfg: ExperimentConfig, encoder, out: Path, metrics: dict[s
 
 
 def train_stats(cfg: ExperimentConfig, model: TextMoCo, trainer: Trainer, seconds: float) -> dict[str, float]:
-    """Training throughput and the bank's refresh cost."""
-    refresh = sum(r["seconds"] for r in getattr(model, "refresh_log", []))
+    """Training throughput and the bank's encoding cost: ``bank_refresh_seconds`` (the initial pass and the
+    full refreshes), ``bank_rolling_seconds``, and ``bank_encode_share``, the share of the training time
+    after the initial pass spent encoding for the bank."""
     pairs = trainer.global_step * cfg.train.batch_size
     stats = {"train_pairs_per_s": pairs / seconds if seconds > 0 else 0.0, "train_seconds": seconds}
     if cfg.bank.enabled:
-        stats.update(bank_refreshes=len(model.refresh_log), bank_refresh_seconds=refresh)
+        spent = model.bank_seconds
+        after = seconds - spent["initial"]
+        stats.update(bank_refreshes=len(model.refresh_log), bank_refresh_seconds=spent["initial"] + spent["full"],
+                     bank_initial_seconds=spent["initial"], bank_rolling_seconds=spent["rolling"],
+                     bank_documents=len(model.bank_corpus),
+                     bank_encode_share=(spent["full"] + spent["rolling"]) / after if after > 0 else 0.0)
     return stats
 
 

@@ -1,0 +1,75 @@
+"""The bank's settings (the ``bank`` section of a training config), each checked once, here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..errors import require
+
+
+@dataclass(frozen=True)
+class BankSettings:
+    """FAISS negative bank settings.
+
+    Attributes:
+        candidates: c, detached negatives per query (stored vectors, no gradient).
+        mined_negatives: n, negatives per query whose texts are re-encoded with
+            gradient (text models; taken before the c detached ones).
+        corpus: text: the documents the bank holds. "pairs" = the training pairs'
+            positives; "all" = every document of the data set's corpus (BEIR
+            ``corpus.jsonl``); or the path of a documents file (BEIR
+            ``corpus.jsonl`` layout, or one text per line of a ``.jsonl``/``.tsv``/``.txt``).
+        include_eval_documents: text: keep the documents judged in ``eval.split`` in
+            the bank (by default they stay out, so a run never trains against the
+            documents it is scored on).
+        exclude_family: exclude candidates from the family of a positive (text:
+            same first paragraph), not only identical inputs.
+        max_pos_ratio: text: skip candidates scoring above this share of the
+            query's positive score, q.d > r * q.k (sentence-transformers'
+            ``relative_margin`` is 1 - r); None = no relative ceiling.
+        refresh_every: re-embed the whole bank every R optimiser steps (0 = only
+            at the start of a run; text models only: an image bank starts random
+            and is kept by updates).
+        max_staleness: text: rolling refresh: re-embed a slice of ceil(N / S) rows
+            every optimiser step, cycling through the bank, so that no row is more
+            than S steps old; 0 = off. Its cost per step is flat in S, not in N.
+        update_with_keys: write each batch's document keys into the bank.
+        update_with_mined: text: write the re-encoded mined negatives' embeddings
+            (computed by the step anyway) into the bank.
+        skip_top: drop the first r candidates per query (rank window).
+        max_similarity: drop candidates scoring above this (likely false negatives).
+        backend, device: see :class:`~mochi_retrieval.bank.FaissNegativeBank`.
+        encode_batch_size: documents per forward pass during a refresh.
+    """
+
+    candidates: int = 16
+    refresh_every: int = 0
+    update_with_keys: bool = True
+    skip_top: int = 0
+    max_similarity: float | None = None
+    backend: Literal["faiss", "torch"] = "faiss"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    encode_batch_size: int = 128
+    mined_negatives: int = 0
+    exclude_family: bool = False
+    max_pos_ratio: float | None = None
+    corpus: str = "pairs"
+    include_eval_documents: bool = False
+    max_staleness: int = 0
+    update_with_mined: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.candidates >= 0, "candidates", ">= 0", self.candidates)
+        require(self.mined_negatives >= 0, "mined_negatives", ">= 0", self.mined_negatives)
+        require(self.max_pos_ratio is None or self.max_pos_ratio > 0, "max_pos_ratio", "> 0 or null",
+                self.max_pos_ratio)
+        require(self.candidates + self.mined_negatives >= 1, "candidates",
+                ">= 1 unless mined_negatives > 0", self.candidates)
+        require(self.refresh_every >= 0, "refresh_every", ">= 0", self.refresh_every)
+        require(self.max_staleness >= 0, "max_staleness", ">= 0 (0 = no rolling refresh)", self.max_staleness)
+        require(self.skip_top >= 0, "skip_top", ">= 0", self.skip_top)
+        require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
+        require(self.max_similarity is None or -1.0 <= self.max_similarity <= 1.0, "max_similarity",
+                "in [-1, 1] or null", self.max_similarity)
+        require(isinstance(self.corpus, str) and bool(self.corpus.strip()), "corpus",
+                "'pairs', 'all' or the path of a documents file", self.corpus)

@@ -1,0 +1,296 @@
+"""The FAISS hard-negative bank: rows (:mod:`.rows`), an exact index over them (:mod:`.index`) and the
+candidate rule (:mod:`.select`), ANCE style.
+
+The bank holds a corpus embedded by the key encoder, (N, D), L2-normalised. It
+is replaced whole with :meth:`FaissNegativeBank.refresh` and patched in place
+with :meth:`update` (a rolling refresh's slice, a batch's keys, re-encoded mined
+documents); each row remembers the step it was written at (its staleness).
+Per query it returns candidate negatives: the top-k documents by inner product
+after removing the query's positives and every document in an excluded group
+(identical text, or the same family), after skipping the first ``skip_top``
+survivors (rank window) and any survivor scoring above ``max_similarity``
+(ceiling against likely false negatives).
+
+The result is exact: the bank searches ``k + slack`` neighbours, filters them,
+and searches again with twice as many for the queries left short, up to N.
+Two backends give the same candidates (ties aside): ``"faiss"`` (a flat
+inner-product index, on the GPU when asked for and available) and ``"torch"``
+(exact ``q @ E.T`` via :func:`mochi_retrieval.search.search`, the test oracle).
+
+Example::
+
+    bank = FaissNegativeBank(device="auto")
+    bank.refresh(doc_emb, text_group=groups)           # (N, D), (N,)
+    idx, vecs = bank.candidates(q, 16, exclude=pos)    # (B, 16), (B, 16, D)
+    out = contrastive_loss(q, k, (queue.negatives(), vecs), T, mochi=cfg)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor
+
+from ..search import faiss_num_gpus, l2_normalize
+from .index import FlatIndex
+from .rows import NEVER, BankRows
+from .select import select_candidates
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+Exclude = Tensor | Sequence[set[int] | Sequence[int]] | None
+
+
+class FaissNegativeBank:
+    """Candidate negatives per query from a refreshed corpus index.
+
+    Args:
+        backend: "faiss" (flat inner-product index) or "torch" (exact matmul).
+        device: "cpu"; "cuda" (GPU, or CPU with a warning when none is usable);
+            "auto" (GPU when usable, else CPU).
+        slack: extra neighbours fetched in the first search on top of
+            ``k + skip_top + positives``.
+    """
+
+    def __init__(self, backend: Literal["faiss", "torch"] = "faiss", device: Device = "cpu", slack: int = 32) -> None:
+        if backend not in ("faiss", "torch"):
+            raise ValueError(f"unknown bank backend {backend!r}; use 'faiss' or 'torch'")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown bank device {device!r}; use 'auto', 'cpu' or 'cuda'")
+        self.backend, self.slack = backend, max(0, int(slack))
+        self.use_gpu = self._resolve_gpu(backend, device)
+        self.rows = BankRows("cuda" if self.use_gpu and backend == "torch" else "cpu")
+        self.index = FlatIndex(backend, self.use_gpu)
+        self.last_refresh_seconds = 0.0
+        self.last_search_rounds = 0
+
+    @staticmethod
+    def _resolve_gpu(backend: str, device: str) -> bool:
+        if device == "cpu":
+            return False
+        usable = faiss_num_gpus() > 0 if backend == "faiss" else torch.cuda.is_available()
+        if not usable and device == "cuda":
+            what = "the installed faiss sees no GPU (faiss-cpu, or no device)" if backend == "faiss" \
+                else "torch sees no CUDA device"
+            logger.warning("bank: GPU requested but %s; falling back to CPU", what)
+        return usable
+
+    # ------------------------------------------------------------------ rows
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return self.rows.dim
+
+    @property
+    def embeddings(self) -> Tensor:
+        """(N, D) unit rows (the source of truth)."""
+        return self.rows.embeddings
+
+    @property
+    def ids(self) -> Tensor | None:
+        return self.rows.ids
+
+    @property
+    def text_group(self) -> Tensor | None:
+        """(N,) group of every row (equal = false negatives of each other), or None."""
+        return self.rows.groups
+
+    @property
+    def stamps(self) -> Tensor:
+        """(N,) step at which each row was last written (-1 = never by the model)."""
+        return self.rows.stamps
+
+    @torch.no_grad()
+    def refresh(self, embeddings: Tensor, ids: Tensor | None = None, text_group: Tensor | None = None, *,
+                step: int = NEVER, _normalized: bool = False) -> None:
+        """Replace the whole corpus and rebuild the index.
+
+        Args:
+            embeddings: (N, D) document embeddings; normalised and detached here.
+            ids: (N,) distinct non-negative int ids used in ``exclude``,
+                :meth:`update` and the returned indices; None = row numbers.
+            text_group: (N,) ints, equal for identical texts (negative = in
+                no group); None keeps the current groups if they still have
+                N rows, else drops them.
+            step: the step the embeddings were computed at (staleness); -1 = not by the model.
+        """
+        start = time.perf_counter()
+        self.rows.replace(embeddings, ids, text_group, step, normalized=_normalized)
+        self.index.dirty = True
+        self.last_refresh_seconds = time.perf_counter() - start
+        logger.info("bank refreshed: %d x %d, %s on %s, %.3f s", len(self), self.dim, self.backend,
+                    "GPU" if self.use_gpu else "CPU", self.last_refresh_seconds)
+
+    @torch.no_grad()
+    def update(self, doc_indices: Tensor, embeddings: Tensor, step: int = NEVER) -> None:
+        """Replace rows in place: doc_indices (n,) ids, embeddings (n, D), written at ``step``. The index is
+        rebuilt lazily."""
+        self._check_ready()
+        doc_indices = doc_indices.reshape(-1)
+        if embeddings.shape != (doc_indices.numel(), self.dim):
+            raise ValueError(f"embeddings must be ({doc_indices.numel()}, {self.dim}), got {tuple(embeddings.shape)}")
+        rows = self.rows.rows_of(doc_indices)
+        if (rows < 0).any():
+            raise ValueError(f"update names ids not in the bank: {doc_indices.cpu()[rows < 0][:5].tolist()}")
+        self.rows.write(rows, embeddings, step)
+        self.index.dirty = True
+
+    def add(self, keys: Tensor, ids: Tensor | None = None, labels: Tensor | None = None) -> None:
+        """Write keys (n, D) to the rows of ``ids`` (n,); see :meth:`update`."""
+        if ids is None:
+            raise ValueError("a FaissNegativeBank needs the ids of the keys it is given (add(keys, ids))")
+        self.update(ids, keys)
+
+    def contains(self, ids: Tensor) -> Tensor:
+        """Bool tensor shaped like ``ids``: which ids the bank holds (on the CPU)."""
+        return self.rows.rows_of(ids) >= 0
+
+    def _check_ready(self) -> None:
+        if len(self) == 0:
+            raise RuntimeError("the bank is empty: call refresh(embeddings) first")
+
+    def _exclusion_rows(self, exclude: Exclude, b: int) -> Tensor:
+        """``exclude`` -> (b, E) CPU row numbers, -1 padding."""
+        if exclude is None:
+            return torch.full((b, 0), -1, dtype=torch.long)
+        if isinstance(exclude, Tensor):
+            if exclude.dim() != 2 or exclude.shape[0] != b:
+                raise ValueError(f"exclude tensor must be (B={b}, E), got shape {tuple(exclude.shape)}")
+            return self.rows.rows_of(exclude)
+        if len(exclude) != b:
+            raise ValueError(f"exclude must hold one set per query: {len(exclude)} for B={b} queries")
+        width = max((len(e) for e in exclude), default=0)
+        pad = torch.full((b, width), -1, dtype=torch.long)
+        for r, e in enumerate(exclude):
+            if len(e):
+                pad[r, : len(e)] = torch.tensor(sorted(e), dtype=torch.long)
+        return self.rows.rows_of(pad)
+
+    # ------------------------------------------------------------------ search
+    @torch.no_grad()
+    def candidates(
+        self,
+        queries: Tensor,
+        k: int,
+        *,
+        exclude: Exclude = None,
+        exclude_text_dupes: bool = True,
+        exclude_groups: Tensor | None = None,
+        skip_top: int = 0,
+        max_similarity: float | Tensor | None = None,
+        allow_fewer: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Top-k negatives per query after exclusions, rank window and ceiling.
+
+        Args:
+            queries: (B, D) query embeddings (normalised here for the search).
+            k: candidates per query.
+            exclude: the query's positives: a list of B sets of ids, or a
+                (B, E) long tensor of ids padded with -1.
+            exclude_text_dupes: also drop documents whose ``text_group``
+                equals that of an excluded document the bank holds (needs text groups).
+            exclude_groups: (B, G) groups to drop per query (-1 padded), in the bank's group space: the
+                groups of the query's positives, known even for positives the bank does not hold.
+            skip_top: drop the first ``skip_top`` survivors (rank window).
+            max_similarity: drop survivors with q . d above this value: a float,
+                or a (B,) tensor of per-query ceilings (e.g. 0.95 x the positive's score).
+            allow_fewer: a query with fewer than k documents left gets what is
+                left, padded with id -1 and zero vectors, instead of an error.
+        Returns:
+            indices: (B, k) long ids, best first, on the queries' device.
+            vectors: (B, k, D) float32 unit embeddings, detached, same device.
+        Raises:
+            ValueError: ``k + skip_top`` exceeds N, or (unless ``allow_fewer``)
+                some query has fewer than that many documents left (both numbers
+                in the message).
+        """
+        self._check_ready()
+        n, b = len(self), queries.shape[0]
+        if queries.dim() != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be (B, {self.dim}), got shape {tuple(queries.shape)}")
+        if k < 1 or skip_top < 0:
+            raise ValueError(f"need k >= 1 and skip_top >= 0, got k={k}, skip_top={skip_top}")
+        if k + skip_top > n:
+            raise ValueError(f"bank asked for {k + skip_top} candidates per query (k={k}, skip_top={skip_top}) "
+                             f"but the corpus holds only {n} documents")
+        q = l2_normalize(queries.detach())
+        excl = self._exclusion_rows(exclude, b)
+        groups, excl_groups = self._exclusion_groups(excl, exclude_groups, exclude_text_dupes, b)
+        ceiling = None if max_similarity is None else \
+            torch.as_tensor(max_similarity, dtype=torch.float32).detach().cpu().reshape(-1).expand(b)
+        out = torch.full((b, k), -1, dtype=torch.long)
+        todo = torch.arange(b)
+        kk, self.last_search_rounds = min(n, k + skip_top + excl.shape[1] + self.slack), 0
+        while todo.numel():
+            self.last_search_rounds += 1
+            scores, rows = self.index.search(self.embeddings, q[todo], kk)
+            left, picked = select_candidates(
+                scores, rows, k, exclude_rows=excl[todo], row_groups=groups,
+                exclude_groups=None if excl_groups is None else excl_groups[todo], skip_top=skip_top,
+                ceiling=None if ceiling is None else ceiling[todo])
+            done = left >= k
+            out[todo[done]] = picked[done]
+            if kk == n and not done.all() and allow_fewer:  # what is left, -1 padded
+                out[todo[~done]] = picked[~done]
+                break
+            if kk == n and not done.all():
+                bad = int((~done).nonzero()[0])
+                raise ValueError(
+                    f"bank asked for k={k} candidates per query but query {int(todo[bad])} has only {int(left[bad])} "
+                    f"left after its exclusions, skip_top={skip_top} and the similarity ceiling "
+                    f"(corpus holds {n} documents)")
+            todo, kk = todo[~done], min(n, 2 * kk)
+        self.last_rows = out  # (B, k) CPU rows served, -1 = empty slot (for staleness monitors)
+        missing = out < 0
+        vectors = self.embeddings[out.clamp(min=0).to(self.embeddings.device)].to(queries.device, torch.float32)
+        ids = self.rows.ids_of(out)
+        if missing.any():
+            vectors = vectors.masked_fill(missing.to(vectors.device).unsqueeze(-1), 0.0)
+        return ids.to(queries.device), vectors
+
+    def _exclusion_groups(self, excl: Tensor, given: Tensor | None, dupes: bool,
+                          b: int) -> tuple[Tensor | None, Tensor | None]:
+        """(N,) row groups and (b, G) groups to exclude per query: those given, and those of the excluded
+        rows the bank holds (with ``dupes``); (None, None) without a group table."""
+        groups = self.text_group.cpu() if self.text_group is not None else None
+        if groups is None:
+            return None, None
+        parts = []
+        if given is not None:
+            given = given.detach().to("cpu", torch.long)
+            if given.dim() != 2 or given.shape[0] != b:
+                raise ValueError(f"exclude_groups must be (B={b}, G), got shape {tuple(given.shape)}")
+            parts.append(given)
+        if dupes:
+            parts.append(torch.where(excl >= 0, groups[excl.clamp(min=0)], -1))
+        return (groups, torch.cat(parts, dim=1)) if parts else (None, None)
+
+    def staleness(self, step: int, rows: Tensor | None = None) -> Tensor:
+        """Steps since each served row (default: the last :meth:`candidates` call's, (B, k)) was embedded;
+        float, NaN for empty slots and for rows never embedded by the model."""
+        rows = self.last_rows if rows is None else rows
+        stamps = self.stamps[rows.clamp(min=0)]
+        age = (step - stamps).float()
+        return age.masked_fill((rows < 0) | (stamps == NEVER), float("nan"))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors only (``torch.load(..., weights_only=True)`` safe): embeddings, ids, text groups, stamps."""
+        return self.rows.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a :meth:`state_dict` (rebuilds the index)."""
+        missing = {"embeddings", "ids", "text_group"} - set(state)
+        if missing:
+            raise KeyError(f"bank state_dict lacks {sorted(missing)}")
+        self.rows.groups = None
+        ids, groups = state["ids"], state["text_group"]
+        self.refresh(state["embeddings"], ids if ids.numel() else None, groups if groups.numel() else None,
+                     _normalized=True)  # stored rows are unit already: keep them bit for bit
+        if "stamps" in state and state["stamps"].shape == self.rows.stamps.shape:
+            self.rows.stamps = state["stamps"].clone()
