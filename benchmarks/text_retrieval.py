@@ -13,6 +13,9 @@ test-split documents):
   sentence-transformers' own ``mine_hard_negatives`` (zero-shot MiniLM,
   ``relative_margin=0.05``, 3 negatives per query, top sampling): the strongest
   peer recipe. Mining time counts in its pairs/s;
+- ``st_mined_all`` / ``st_mined_all_1``: the same recipe mined from the whole corpus
+  (``mine_hard_negatives(corpus=...)``, the documents our ``bank.corpus=all`` holds: every document
+  but the test split's), 3 and 1 negatives per query;
 - ``cached_mnrl``: ``CachedMultipleNegativesRankingLoss`` (GradCache, mini-batch 16);
 - ``ours_*``: ``python -m mochi_retrieval.train configs/debian_minilm.yaml`` with the
   overrides in ``OURS`` (bank refreshes count in pairs/s).
@@ -66,13 +69,21 @@ OURS = {
     "ours_bank_mochi_beta50": BANK + MOCHI + ["mochi.beta_max=0.5"],
     # More re-encoded mined negatives per query (sentence-transformers' recipe uses 3).
     "ours_bank_mined3": BANK + ["bank.mined_negatives=3"],
+    # The bank over the whole corpus (every document but the test split's): re-embedded whole every 50
+    # steps, or kept by a rolling refresh (a slice of ceil(N / 1000) rows a step, no full refresh).
+    "ours_bank_all_full": BANK + ["bank.corpus=all"],
+    "ours_bank_all_rolling": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000"],
+    "ours_bank_all_rolling_mochi": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
+                                           "mochi.enabled=true"],
     "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
                             "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }
-ROWS = ["zero_shot", "mnrl", "st_mined", "cached_mnrl", *OURS]
+ST_ROWS = ["mnrl", "st_mined", "st_mined_all", "st_mined_all_1", "cached_mnrl"]
+ROWS = ["zero_shot", *ST_ROWS, *OURS]
 METRICS = ["recall@1", "recall@10", "mrr@10", "ndcg@10"]
 MONITORS = ["doc_mean_cosine", "mass_positive", "mass_in_batch", "mass_mined", "mass_queue", "mass_bank",
-            "mass_synthetic", "grad_mass_share", "false_neg_family_top16"]
+            "mass_synthetic", "grad_mass_share", "false_neg_family_top16", "bank_staleness_mean",
+            "bank_staleness_max", "bank_encode_share"]
 MINED_NEGATIVES = 3
 
 
@@ -91,15 +102,31 @@ def st_imports():
     return losses, BatchSamplers, SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 
-def mine(cfg, model, ds):
-    """sentence-transformers' recommended mining: (anchor, positive, negative) triplets; (dataset, seconds)."""
+def mine(cfg, model, ds, corpus: list[str] | None = None, negatives: int = MINED_NEGATIVES):
+    """sentence-transformers' recommended mining: (anchor, positive, negative) triplets; (dataset, seconds).
+    ``corpus``: the documents to mine from besides the positives (None = the positives only)."""
     from sentence_transformers.util import mine_hard_negatives
 
     start = time.perf_counter()
     mined = mine_hard_negatives(ds, model, anchor_column_name="anchor", positive_column_name="positive",
-                                relative_margin=0.05, num_negatives=MINED_NEGATIVES, sampling_strategy="top",
-                                output_format="triplet", batch_size=cfg.eval.batch_size, verbose=False)
+                                corpus=corpus, relative_margin=0.05, num_negatives=negatives,
+                                sampling_strategy="top", output_format="triplet", batch_size=cfg.eval.batch_size,
+                                verbose=False)
     return mined, time.perf_counter() - start
+
+
+def whole_corpus(cfg, pairs) -> list[str]:
+    """The (prefixed) documents our ``bank.corpus=all`` holds: the data set's corpus but the eval split's."""
+    import dataclasses
+
+    from mochi_retrieval.data.text_pairs import token_groups
+    from mochi_retrieval.training.text import bank_documents, leave_out_eval_documents
+
+    cfg = dataclasses.replace(cfg, bank=dataclasses.replace(cfg.bank, corpus="all", enabled=True))
+    docs, ids = bank_documents(cfg, pairs)
+    groups, _ = token_groups([cfg.data.document_prefix + d for d in docs], build_encoder(cfg).tokenize)
+    ids = leave_out_eval_documents(cfg, ids, groups)
+    return [cfg.data.document_prefix + docs[i] for i in ids.tolist()]
 
 
 def run_st(cfg, row: str, out: Path) -> dict[str, float]:
@@ -118,6 +145,10 @@ def run_st(cfg, row: str, out: Path) -> dict[str, float]:
     if row == "st_mined":
         ds, mining_seconds = mine(cfg, model, ds)
         extra["train_rows"] = len(ds)
+    if row in ("st_mined_all", "st_mined_all_1"):
+        corpus = whole_corpus(cfg, pairs)
+        ds, mining_seconds = mine(cfg, model, ds, corpus, 1 if row == "st_mined_all_1" else MINED_NEGATIVES)
+        extra.update(train_rows=len(ds), corpus_documents=len(corpus))
     if row == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=16)
     else:
@@ -158,8 +189,9 @@ def run_ours(cfg) -> dict[str, float]:
     for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         last.update({k: v for k, v in record.items() if k in MONITORS})  # the last logged value of each
-    return {**{k: results[k] for k in METRICS + ["doc_mean_cosine"]}, **last, "pairs_per_s": pairs / seconds,
-            "pairs_per_s_excl": pairs / (seconds - refresh), "bank_refresh_seconds": refresh}
+    bank = {k: v for k, v in results.items() if k.startswith("bank_")}
+    return {**{k: results[k] for k in METRICS + ["doc_mean_cosine"]}, **last, **bank, "pairs_per_s": pairs / seconds,
+            "pairs_per_s_excl": pairs / (seconds - refresh)}
 
 
 def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str]) -> dict:
@@ -170,7 +202,7 @@ def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str
     torch.manual_seed(seed)
     if row == "zero_shot":
         result = zero_shot(cfg)
-    elif row in ("mnrl", "st_mined", "cached_mnrl"):
+    elif row in ST_ROWS:
         result = run_st(cfg, row, out)
     else:
         result = run_ours(cfg)

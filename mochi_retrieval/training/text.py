@@ -117,7 +117,8 @@ def bank_documents(cfg: ExperimentConfig, pairs: TextPairs) -> tuple[list[str], 
     """The document space (texts; ids index it) and the ids of the documents the bank holds (sorted), for
     ``bank.corpus``: ``pairs`` (the training pairs' positives), ``all`` (every document of the data set's
     corpus) or a documents file. A file's documents join the document space, except those already in it
-    (same ``_id`` and same text as a data-set document), which keep their id."""
+    (same ``_id`` and same text as a data-set document), which keep their id; the bank then holds them and
+    the training pairs' documents."""
     docs, choice = pairs.doc_space(), cfg.bank.corpus
     if choice == "pairs":
         return docs, pairs.training_doc_ids()
@@ -138,7 +139,9 @@ def bank_documents(cfg: ExperimentConfig, pairs: TextPairs) -> tuple[list[str], 
             n = len(docs)
             docs.append(text)
         ids.append(n)
-    return docs, torch.tensor(sorted(set(ids)), dtype=torch.long)
+    # The training pairs' documents are part of the corpus too (as in sentence-transformers' mining): another
+    # query's positive is a hard negative, and an empty mined slot falls back to the query's own positive.
+    return docs, torch.tensor(sorted(set(ids) | set(pairs.training_doc_ids().tolist())), dtype=torch.long)
 
 
 def leave_out_eval_documents(cfg: ExperimentConfig, bank_ids: Tensor, groups: Tensor) -> Tensor:
