@@ -143,7 +143,8 @@ def test_package_model_paths_resolve_or_name_the_install():
 def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_beir, tmp_path):
     """Global batch 8 as 2 x 4 under DDP (gloo): in-batch keys and mined bank documents (re-encoded with
     gradient) gathered with this rank's gradient, one bank and one queue per process kept identical; the
-    trained weights match the one-process run."""
+    trained weights match the one-process run. The rolling refresh's slice is one row, so process 1 embeds
+    an empty share (which crashed before)."""
     import os
     import subprocess
     import sys
@@ -152,6 +153,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_bei
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths on every process
     (tiny_text_model_dir / "config.json").write_text(json.dumps(config))
     common = {"mochi.enabled": "false", "bank.mined_negatives": 1, "bank.max_pos_ratio": "null",
+              "bank.max_staleness": 1000, "train.checkpoint_every_steps": 1,
               "train.batch_size": 8, "train.max_steps": 2, "train.optimizer": "sgd",
               "train.lr": 0.5, "train.warmup_epochs": 0, "train.schedule": "constant"}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
