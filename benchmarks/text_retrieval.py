@@ -75,6 +75,10 @@ OURS = {
     "ours_bank_all_rolling": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000"],
     "ours_bank_all_rolling_mochi": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
                                            "mochi.enabled=true"],
+    # MoCHi among the documents that carry gradient (the document term), on top of the config's pair mixes.
+    "ours_bank_docmix": BANK + ["mochi.enabled=true", "mochi.document_mixes=true"],
+    "ours_bank_all_rolling_docmix": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
+                                            "mochi.enabled=true", "mochi.document_mixes=true"],
     "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
                             "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }

@@ -34,7 +34,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from . import distributed, mixing
 from .bank import BankSettings, FaissNegativeBank
 from .clusters import same_cluster_mask, spherical_kmeans
 from .encoders import cosine_momentum, momentum_update
@@ -269,9 +269,36 @@ class ContrastiveCore(nn.Module):
             return out, out.loss
         cols = torch.cat([torch.full((s.width,), s.grad, dtype=torch.bool) for s in sources]).to(mask.device)
         qd = q.detach()
-        doc_loss = info_nce_from_logits((qd * k).sum(1), negative_logits(qd, [blocks[i] for i in keep], mask[:, cols]),
-                                        self.temperature)
-        return out, out.loss + doc_loss
+        grad_blocks = [blocks[i] for i in keep]
+        pos, neg = (qd * k).sum(1), negative_logits(qd, grad_blocks, mask[:, cols])
+        synthetic = self._document_mixes(qd, pos, neg, grad_blocks, mochi, generator)
+        return out, out.loss + info_nce_from_logits(pos, neg, self.temperature, synthetic)
+
+    def _document_mixes(self, qd: Tensor, pos: Tensor, neg: Tensor, blocks: list[Tensor],
+                        mochi: MoCHiConfig | None, generator: torch.Generator | None) -> Tensor | None:
+        """(B, s + s') un-scaled logits q̄.h of MoCHi points mixed from the gradient-carrying documents, with
+        their gradient (``mochi.document_mixes``), or None. qd: (B, D) detached queries; pos (B,), neg (B, M)
+        their scores against the positives and those documents (masked -inf); blocks: the documents."""
+        self.last_document_plan = None
+        if mochi is None or not mochi.document_mixes:
+            return None
+        left = neg.shape[1] - int(torch.isinf(neg).sum(1).max())  # the fewest unmasked documents of any query
+        n_hard = min(mochi.n_hard, left)
+        if n_hard < 2 or not (mochi.n_mix or mochi.n_query_mix):
+            return None
+        plan = mixing.sample_plan(neg.detach(), n_hard, mochi.n_mix, mochi.n_query_mix, mochi.beta_max, generator)
+        self.last_document_plan = plan
+        b = qd.shape[0]
+        docs = torch.cat([v.unsqueeze(0).expand(b, -1, -1) if v.dim() == 2 else v for v in blocks], dim=1)
+        pool = docs.gather(1, plan.hard_idx.unsqueeze(-1).expand(-1, -1, docs.shape[2]))  # (B, N, D), with grad
+        pick = lambda idx: pool.gather(1, idx.unsqueeze(-1).expand(-1, -1, pool.shape[2]))  # noqa: E731
+        a, beta = plan.alpha.unsqueeze(-1), plan.beta.unsqueeze(-1)
+        pairs = torch.nn.functional.normalize(a * pick(plan.pair_i) + (1 - a) * pick(plan.pair_j), dim=2)
+        queries = torch.nn.functional.normalize(beta * qd.unsqueeze(1) + (1 - beta) * pick(plan.query_j), dim=2)
+        logits = torch.einsum("bd,bsd->bs", qd, torch.cat([pairs, queries], dim=1))
+        if mochi.cap_at_positive:
+            logits = logits.masked_fill(logits.detach() > pos.detach().unsqueeze(1), float("-inf"))
+        return logits
 
     @torch.no_grad()
     def _cluster_mask(self, k: Tensor, sources: Sequence[Source], epoch: float, step: int | None) -> Tensor | None:

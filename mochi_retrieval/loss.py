@@ -38,6 +38,10 @@ class MoCHiConfig:
             drawn the same way, without any synthesis. Against MoCHi it
             separates what mixing adds from re-weighting the hard pool.
             Query mixes (s') are left as they are.
+        document_mixes: text, shared encoder, ``moco.gradient=query_only``: also mix among the negatives that
+            carry gradient (in-batch and re-encoded mined documents), materialised with their gradient, in
+            the document term, so a synthetic point's gradient reaches the documents it was made from (the
+            query detached); the same N, s, s' and beta_max, a hard pool of those documents only.
     """
 
     n_hard: int = 1024
@@ -47,6 +51,7 @@ class MoCHiConfig:
     warmup_epochs: float = 0.0
     cap_at_positive: bool = False
     copies_only: bool = False
+    document_mixes: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_hard", "n_mix", "n_query_mix"):
