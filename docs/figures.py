@@ -17,7 +17,7 @@ OUT = Path(__file__).with_name("img")
 BLUE, ORANGE, GREEN, GREY, RED = "#3f51b5", "#ef6c00", "#2e7d32", "#9e9e9e", "#c62828"
 
 
-def box(ax, x, y, w, h, text, color=BLUE, fill="white", size=10):
+def box(ax, x, y, w, h, text, color=BLUE, fill="white", size=9.5):
     ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.05", ec=color, fc=fill,
                                 lw=1.5))
     ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, color="black")
@@ -31,14 +31,14 @@ def arrow(ax, a, b, color="black", text=None, style="-|>", ls="-", offset=(0, 0.
 
 
 def canvas(w=8.0, h=3.2, xlim=(0, 10), ylim=(0, 4)):
-    fig, ax = plt.subplots(figsize=(w, h), dpi=90)
+    fig, ax = plt.subplots(figsize=(w, h), dpi=100)
     ax.set_xlim(*xlim), ax.set_ylim(*ylim), ax.axis("off")
     return fig, ax
 
 
 def save(fig, name):
     OUT.mkdir(exist_ok=True)
-    fig.savefig(OUT / name, bbox_inches="tight", pad_inches=0.05)
+    fig.savefig(OUT / name, bbox_inches="tight", pad_inches=0.05, dpi=110)
     plt.close(fig)
 
 
@@ -47,13 +47,14 @@ def queue_figure():
     box(ax, 0.1, 2.8, 1.6, 0.8, "view 1\n(query image)", GREY)
     box(ax, 0.1, 0.6, 1.6, 0.8, "view 2\n(key image)", GREY)
     box(ax, 2.1, 2.8, 2.2, 0.8, "query encoder\n+ head", BLUE)
-    box(ax, 2.1, 0.6, 2.2, 0.8, "key encoder + head\n(momentum copy)", ORANGE, size=9)
+    box(ax, 2.1, 0.6, 2.2, 0.8, "key encoder + head\n(momentum copy)", ORANGE, size=8.5)
     arrow(ax, (1.7, 3.2), (2.1, 3.2)), arrow(ax, (1.7, 1.0), (2.1, 1.0))
     arrow(ax, (2.6, 2.8), (2.6, 1.4), ORANGE, "EMA\nm = 0.999", ls="--", offset=(-0.35, -0.1))
     for i in range(8):  # the queue's slots, oldest on the right
         ax.add_patch(plt.Rectangle((5.2 + i * 0.45, 0.65), 0.4, 0.7, fc="#ffe0b2" if i else "#ffcc80", ec=ORANGE))
     ax.text(7.0, 0.3, "queue of K keys (FIFO): this batch in, the oldest out", ha="center", fontsize=8.5)
-    arrow(ax, (4.3, 1.0), (5.15, 1.0), ORANGE, "enqueue k", offset=(0.05, -0.3))
+    arrow(ax, (4.3, 1.0), (5.15, 1.0), ORANGE)
+    ax.text(4.74, 0.68, "enqueue", ha="center", fontsize=8, color=ORANGE)
     box(ax, 5.2, 2.8, 4.6, 0.8, "logits [q·k, q·n₁ … q·n_K] / T\ncross-entropy, target 0", GREEN)
     arrow(ax, (4.3, 3.2), (5.2, 3.2), BLUE, "q")
     arrow(ax, (7.0, 1.4), (7.0, 2.8), ORANGE, "negatives n (no gradient)", offset=(1.1, 0))
@@ -64,14 +65,14 @@ def queue_figure():
 def bank_figure():
     fig, ax = canvas(ylim=(0, 4.2))
     box(ax, 0.1, 2.9, 1.8, 0.8, "training\ndocuments", GREY)
-    box(ax, 2.3, 2.9, 2.3, 0.8, "encoder in eval mode\n(every R steps)", BLUE, size=9)
+    box(ax, 2.3, 2.9, 2.3, 0.8, "encoder in eval mode\n(every R steps)", BLUE, size=8.5)
     box(ax, 5.5, 2.9, 1.6, 0.8, "FAISS index\n(GPU or CPU)", ORANGE, size=9)
     arrow(ax, (1.9, 3.3), (2.3, 3.3)), arrow(ax, (4.6, 3.3), (5.5, 3.3), text="embed", offset=(0, 0.1))
     box(ax, 5.3, 1.2, 1.8, 0.8, "top candidates\nper query", ORANGE, size=9)
     arrow(ax, (6.2, 2.9), (6.2, 2.0), text="search q", offset=(0.45, 0))
-    box(ax, 7.7, 2.2, 2.3, 0.8, "n mined: texts re-\nencoded, with gradient", GREEN, size=9)
-    box(ax, 7.7, 0.6, 2.3, 0.8, "c detached:\nstored vectors", GREY, size=9)
-    arrow(ax, (7.1, 1.7), (7.7, 2.5)), arrow(ax, (7.1, 1.5), (7.7, 1.0))
+    box(ax, 7.55, 2.2, 2.4, 0.8, "n mined: texts re-\nencoded, with gradient", GREEN, size=8)
+    box(ax, 7.55, 0.6, 2.4, 0.8, "c detached:\nstored vectors", GREY, size=8)
+    arrow(ax, (7.1, 1.7), (7.55, 2.5)), arrow(ax, (7.1, 1.5), (7.55, 1.0))
     ax.text(2.4, 1.45, "masked first: the query's positives,\ntheir duplicates (same tokens),\n"
             "scores above r × q·k (max_pos_ratio)", fontsize=8.5, ha="center", va="center", color=RED)
     save(fig, "bank.png")
