@@ -34,7 +34,7 @@ Negatives = Union[torch.Tensor, Sequence[torch.Tensor]]
 _NORM_EPS = 1e-12
 # Elements of gathered rows per chunk when computing pair products c_ij (two reused buffers, 1 MiB
 # each): at the CPU config's 16,384 pairs, 2^18 was the fastest of 2^14-2^18 on 1 and 2 threads, 1.5-1.6x
-# the former 2^16 chunks (benchmarks/pair_products.py): fewer chunks, fewer op calls.
+# the former 2^16 chunks (benchmarks/studies/pair_products.py): fewer chunks, fewer op calls.
 _GATHER_BUDGET = 1 << 18
 
 
@@ -111,7 +111,7 @@ def hard_pool(neg_logits: torch.Tensor, n_hard: int) -> torch.Tensor:
 
 # CPU top-k over integer keys: torch.topk compares floats through a NaN-aware comparator, integers
 # directly; on the CPU config's 128 x 4,096 scores (N = 256) hard_pool took 2.18 ms against torch.topk's 2.52
-# on 2 threads (benchmarks/hard_pool.py), and the selection is the same, in the same order.
+# on 2 threads (benchmarks/studies/hard_pool.py), and the selection is the same, in the same order.
 _ORDER_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
@@ -146,7 +146,7 @@ def _finite_keys(keys: torch.Tensor) -> bool:
 
 # CPU top-N by thresholding: torch.topk over (256, 65536) costs more than the
 # q @ queue.T product itself on a CPU; this exact two-stage selection is 1.7-2.0x
-# faster than torch.topk from 64 entries per pool member (benchmarks/hard_pool.py,
+# faster than torch.topk from 64 entries per pool member (benchmarks/studies/hard_pool.py,
 # which also times the former 1/16-sample version). At 16 per member (128 x 4,096,
 # N = 256) torch.topk, which splits rows across threads, was faster on 2 threads
 # (2.6 vs 3.5 ms), so the threshold path starts at 32.

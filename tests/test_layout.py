@@ -1,4 +1,4 @@
-"""Dependencies run one way: the README's layout table lists the package top to bottom, and every import
+"""Dependencies run one way: the layout table of docs/design.md lists the package top to bottom, and every import
 inside the package (lazy ones included) goes from a row to a row below it."""
 import ast
 import re
@@ -9,8 +9,8 @@ PACKAGE = ROOT / "mochi_retrieval"
 
 
 def layout_rows() -> list[list[str]]:
-    """Top-level modules and packages of each row of the README's layout table, top first."""
-    section = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1]
+    """Top-level modules and packages of each row of the layout table (docs/design.md), top first."""
+    section = (ROOT / "docs" / "design.md").read_text().split("## Layout\n", 1)[1]
     rows = []
     for line in section.splitlines():
         if not line.startswith("| `mochi_retrieval/"):
@@ -43,7 +43,7 @@ def test_every_module_is_in_the_layout_table():
     listed = {name for row in layout_rows() for name in row}
     modules = {p.name.removesuffix(".py") for p in PACKAGE.iterdir()
                if (p.suffix == ".py" or (p / "__init__.py").is_file()) and not p.name.startswith("__")}
-    assert modules <= listed, f"missing from the README's layout table: {sorted(modules - listed)}"
+    assert modules <= listed, f"missing from the layout table of docs/design.md: {sorted(modules - listed)}"
 
 
 def test_imports_only_go_down_the_layout():

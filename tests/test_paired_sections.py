@@ -1,4 +1,4 @@
-"""benchmarks/paired_sections.py: rows of several RESULTS.md gathers joined and paired by seed."""
+"""benchmarks/studies/paired_sections.py: rows of several RESULTS.md gathers joined and paired by seed."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "studies"))  # the script adds benchmarks/
 import paired_sections as ps  # noqa: E402
 
 

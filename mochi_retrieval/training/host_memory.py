@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (above ``M_MMAP_THRESHOLD``, 128 KiB to start
 pages and returns them on free, and trims the heap's free top above ``M_TRIM_THRESHOLD``. A training step
 frees and re-allocates the same activations every time, so on the CPU each step faults its pages in again
 and the kernel zeroes them: 4,500-7,400 minor page faults per MoCo step of the Fashion-MNIST CPU config
-(``benchmarks/host_memory.py``, in ``benchmarks/RESULTS.md``). With the thresholds raised, freed blocks are
+(``benchmarks/studies/host_memory.py``, in ``benchmarks/RESULTS.md``). With the thresholds raised, freed blocks are
 reused from the heap and the faults stop. The values are those of the program, not the library: :func:`run
 <mochi_retrieval.training.runner.run>` applies them under ``train.keep_host_memory`` (the default).
 

@@ -8,7 +8,7 @@ MoCHi step of the Fashion-MNIST CPU config round-robin from the same checkpoint 
 times, their ratio and the median faults per step; then the MoCo step's speed-up (default / kept) of each
 adjacent pair.
 
-    python benchmarks/host_memory.py --from runs/bench_jit08/mochi_seed0/checkpoints/step-00005616.pt
+    python benchmarks/studies/host_memory.py --from runs/bench_jit08/mochi_seed0/checkpoints/step-00005616.pt
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from common import append_results, interleaved_medians, markdown_table
-from fashion_mnist import paired_steppers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
+
+import torch  # noqa: E402
+from common import append_results, interleaved_medians, markdown_table  # noqa: E402
+from fashion_mnist import paired_steppers  # noqa: E402
 
 
 def counted(step, faults: list[int]):

@@ -7,16 +7,20 @@ stamps (a row that two sections both hold must agree), then prints the mean of e
 ``fashion_mnist.py``'s pairs (:data:`fashion_mnist.PAIRS`) whose rows ran on every seed, seed by seed. The tables
 hold 4 decimals, so a mean here may differ from the gather's own in the 4th.
 
-    python benchmarks/paired_sections.py --sections "2026-11-29 22:08" "2026-11-29 23:08" --seeds 0 1 2
+    python benchmarks/studies/paired_sections.py --sections "2026-11-29 22:08" "2026-11-29 23:08" --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
 import re
 import statistics
+import sys
+from pathlib import Path
 
-from common import RESULTS, append_results, markdown_table
-from fashion_mnist import PAIRS, ROWS, spread
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
+
+from common import RESULTS, append_results, markdown_table  # noqa: E402
+from fashion_mnist import PAIRS, ROWS, spread  # noqa: E402
 
 TITLE = "fashion_mnist: MoCo-v2, MoCHi, oracle, bank vs floors"
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d) UTC;", re.M)

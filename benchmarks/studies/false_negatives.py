@@ -21,20 +21,24 @@ reports, over those queries against the checkpoint's queue:
   take from the real negatives' gradient; and where the mixes push each query compared with the real
   negatives (cosines of the gradients' parts tangent to q, and the share of the mixes' push that is new).
 
-    python benchmarks/false_negatives.py --run runs/bench_fashion_mnist/mochi_seed1 [--checkpoint step-00005148.pt]
+    python benchmarks/studies/false_negatives.py --run runs/bench_fashion_mnist/mochi_seed1 \\
+        [--checkpoint step-00005148.pt]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import torch
-from common import OneCpuProcess, append_results, markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
 
-from mochi_retrieval.config import load_config
-from mochi_retrieval.loss import contrastive_loss
-from mochi_retrieval.mixing import synthesize
-from mochi_retrieval.training import build_data, build_model
+import torch  # noqa: E402
+from common import OneCpuProcess, append_results, markdown_table  # noqa: E402
+
+from mochi_retrieval.config import load_config  # noqa: E402
+from mochi_retrieval.loss import contrastive_loss  # noqa: E402
+from mochi_retrieval.mixing import synthesize  # noqa: E402
+from mochi_retrieval.training import build_data, build_model  # noqa: E402
 
 BANDS = ((1, 1), (2, 4), (5, 16), (17, 64), (65, 256), (257, 1024), (1025, 4096))
 TOP_K = (8, 32, 128, 256, 1024)

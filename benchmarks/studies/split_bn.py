@@ -4,18 +4,22 @@ sub-batch, on the Fashion-MNIST CPU config's training step (``model.bn_splits`` 
 Both models start from the same weights and take the same batches; the first steps' losses are printed
 (they agree to float rounding), then the step times are measured interleaved (median).
 
-    python benchmarks/split_bn.py [--steps 20] [--threads 2] [overrides ...]
+    python benchmarks/studies/split_bn.py [--steps 20] [--threads 2] [overrides ...]
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import torch
-from common import OneCpuProcess, append_results, interleaved_medians, markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
 
-from mochi_retrieval.config import load_config
-from mochi_retrieval.encoders.split_bn import convert_split_batchnorm
-from mochi_retrieval.training import build_data, build_model
+import torch  # noqa: E402
+from common import OneCpuProcess, append_results, interleaved_medians, markdown_table  # noqa: E402
+
+from mochi_retrieval.config import load_config  # noqa: E402
+from mochi_retrieval.encoders.split_bn import convert_split_batchnorm  # noqa: E402
+from mochi_retrieval.training import build_data, build_model  # noqa: E402
 
 CONFIG = "configs/fashion_mnist_resnet18.yaml"
 

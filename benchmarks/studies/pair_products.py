@@ -6,17 +6,21 @@
 median), and the former step (2^16, ``torch.linalg.vecdot``) is timed beside them. Every variant's products
 equal the direct ``(queue[i] * queue[j]).sum(1)``.
 
-    python benchmarks/pair_products.py [--threads 2] [--repeats 200]
+    python benchmarks/studies/pair_products.py [--threads 2] [--repeats 200]
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from common import append_results, interleaved_medians, markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
 
-from mochi_retrieval import mixing
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import append_results, interleaved_medians, markdown_table  # noqa: E402
+
+from mochi_retrieval import mixing  # noqa: E402
 
 BUDGETS = (1 << 14, 1 << 15, 1 << 16, 1 << 17, 1 << 18)
 

@@ -10,18 +10,22 @@ version of ours, side by side on the same scores (interleaved, median).
 All three return the same sets (checked here on every shape). Scores are q . queue for unit vectors with
 a shared direction, so each row has a tail of high scores as a trained queue does.
 
-    python benchmarks/hard_pool.py [--threads 2] [--repeats 40]
+    python benchmarks/studies/hard_pool.py [--threads 2] [--repeats 40]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from common import append_results, interleaved_medians, markdown_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
 
-from mochi_retrieval.mixing import hard_pool
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import append_results, interleaved_medians, markdown_table  # noqa: E402
+
+from mochi_retrieval.mixing import hard_pool  # noqa: E402
 
 # (queries, queue, N): the CPU config (queue 4,096; 16,384 before), the paper's scale
 SHAPES = ((128, 4096, 256), (128, 16384, 256), (256, 65536, 1024))

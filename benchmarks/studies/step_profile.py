@@ -6,17 +6,20 @@ steps. Reports the operators whose self time per step grows most with MoCHi, and
 vary from run to run by a few percent per operator (the convolutions' noise is as large as MoCHi's whole
 cost), so read the operators MoCo does not run at all (top-k, gathers, draws), not the small differences.
 
-    python benchmarks/step_profile.py --from runs/bench_k4096/mochi_seed0/checkpoints/step-00005616.pt
+    python benchmarks/studies/step_profile.py --from runs/bench_k4096/mochi_seed0/checkpoints/step-00005616.pt
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import torch
-from common import append_results, markdown_table
-from fashion_mnist import paired_steppers
-from torch.profiler import ProfilerActivity, profile
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
+
+import torch  # noqa: E402
+from common import append_results, markdown_table  # noqa: E402
+from fashion_mnist import paired_steppers  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 def self_ms_per_step(step, steps: int) -> dict[str, float]:

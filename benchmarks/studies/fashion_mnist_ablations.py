@@ -8,7 +8,7 @@ of same-class entries in the hard pool, the loss and its change over the last
 epoch), the kNN monitor per epoch, and wall seconds (training + evaluation, on
 whatever machine state the run met).
 
-    python benchmarks/fashion_mnist_ablations.py --budget train.epochs=3 eval.linear_probe=false \\
+    python benchmarks/studies/fashion_mnist_ablations.py --budget train.epochs=3 eval.linear_probe=false \\
         --variant baseline "" --variant crop0.5 "data.crop_scale=[0.5,1.0]"
 
 Variants can train in separate invocations (one per core, ``--no-write``) and be gathered into one table
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
-from common import append_results, markdown_table
-from fashion_mnist import CONFIG, monitors_text, reusable, train_run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common, fashion_mnist
 
-from mochi_retrieval.config import load_config
+from common import append_results, markdown_table  # noqa: E402
+from fashion_mnist import CONFIG, monitors_text, reusable, train_run  # noqa: E402
+
+from mochi_retrieval.config import load_config  # noqa: E402
 
 
 def main() -> None:
