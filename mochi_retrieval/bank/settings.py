@@ -38,7 +38,10 @@ class BankSettings:
             (computed by the step anyway) into the bank.
         skip_top: drop the first r candidates per query (rank window).
         max_similarity: drop candidates scoring above this (likely false negatives).
-        backend, device: see :class:`~mochi_retrieval.bank.FaissNegativeBank`.
+        backend: "faiss" (a flat inner-product FAISS index) or "torch" (exact ``q @ E.T``, the test oracle);
+            both return the same candidates, ties aside.
+        device: where the bank searches: "auto" (the GPU when faiss-gpu, or torch for the torch backend,
+            sees one, else the CPU), "cpu", or "cuda" (the CPU with a warning when no GPU is usable).
         encode_batch_size: documents per forward pass during a refresh.
     """
 
