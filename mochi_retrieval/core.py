@@ -124,8 +124,10 @@ class ContrastiveCore(nn.Module):
         self._memories: dict[str, NegativeSource] = {}  # persistent sources, in block order
         self.cluster_masked: Tensor | None = None  # (B, M) last step's cluster mask (a monitor's input)
         self.bank_stamp = -1  # the step written into the bank's staleness stamps with the step's keys
-        # A checkpoint written before the bank was saved has no extra state: load it as "no bank saved".
-        self.register_load_state_dict_pre_hook(_default_extra_state)
+        # The bank's rows travel in the state dict as plain tensors under "bank.*" (when there is a bank), so a
+        # resumed run neither loses nor redoes them; a state without them loads as "no bank saved".
+        self.register_state_dict_post_hook(_save_bank)
+        self.register_load_state_dict_pre_hook(_load_bank)
 
     def _init_negatives(self, queue_size: int, dim: int, bank: BankSettings | None, bank_items: int) -> None:
         """Create the queue (K = ``queue_size``, 0 = none) and the bank over ``bank_items`` items.
@@ -171,20 +173,6 @@ class ContrastiveCore(nn.Module):
         self._memories[name] = source
 
     # ------------------------------------------------------------------ state
-    def get_extra_state(self) -> dict[str, Tensor]:
-        """What ``state_dict`` saves beside parameters and buffers: the bank's rows (embeddings, ids, groups,
-        staleness stamps), so a resumed run neither loses nor redoes them. Tensors only (``weights_only``)."""
-        if self.bank is None or not len(self.bank):
-            return {}
-        return {f"bank.{k}": v for k, v in self.bank.state_dict().items()}
-
-    def set_extra_state(self, state: dict[str, Tensor]) -> None:
-        bank = {k.removeprefix("bank."): v for k, v in (state or {}).items() if k.startswith("bank.")}
-        if bank and self.bank is None:
-            raise ValueError("the checkpoint holds a bank but this model has none (bank.enabled differs)")
-        if bank:
-            self.bank.load_state_dict(bank)
-
     def momentum_at(self, step: int | None) -> float:
         """The key network's EMA coefficient at forward call ``step``."""
         if self.momentum_schedule == "cosine" and step is not None:
@@ -344,8 +332,24 @@ class ContrastiveCore(nn.Module):
                 self.bank.update(all_ids.cpu()[known], all_k.cpu()[known], step=self.bank_stamp)
 
 
-def _default_extra_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    state_dict.setdefault(prefix + "_extra_state", {})
+BANK_STATE = "bank."  # state-dict prefix of the bank's rows
+
+
+def _save_bank(module: ContrastiveCore, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict hook: the bank's rows (embeddings, ids, groups, staleness stamps), tensors only."""
+    if module.bank is not None and len(module.bank):
+        for key, value in module.bank.state_dict().items():
+            state_dict[prefix + BANK_STATE + key] = value
+
+
+def _load_bank(module: ContrastiveCore, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: take the bank's rows out of ``state_dict`` (a copy) into the bank."""
+    keys = [k for k in state_dict if k.startswith(prefix + BANK_STATE)]
+    if not keys:
+        return
+    if module.bank is None:
+        raise ValueError("the checkpoint holds a bank but this model has none (bank.enabled differs)")
+    module.bank.load_state_dict({k[len(prefix + BANK_STATE):]: state_dict.pop(k) for k in keys})
 
 
 def no_ids(batch: int, device: torch.device) -> Tensor:

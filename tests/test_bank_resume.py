@@ -17,7 +17,7 @@ def _records(out):
 
 
 def _bank(out):
-    state = torch.load(out / "checkpoints/last.pt", weights_only=True)["model"]["_extra_state"]
+    state = torch.load(out / "checkpoints/last.pt", weights_only=True)["model"]
     return state["bank.embeddings"], state["bank.stamps"]
 
 
