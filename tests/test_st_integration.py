@@ -1,0 +1,240 @@
+"""mochi_retrieval.integrations.sentence_transformers: our negatives inside SentenceTransformerTrainer.
+
+The loss runs :class:`TextMoCo`; these tests check the bridge: the trainer runs with it, a step equals
+our trainer's step on the same batch (logits and gradients, form against form), the bank refreshes on
+schedule, and a resumed run continues with the same bank and weights.
+"""
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from mochi_retrieval.bank import BankSettings  # noqa: E402
+from mochi_retrieval.loss import MoCHiConfig  # noqa: E402
+
+WORDS = "cat dog bird fish fox mat house tree".split()
+ADJ = "big small red blue fast slow quick brown lazy".split()
+
+
+def pairs(n: int = 12) -> dict[str, list[str]]:
+    """(query, positive) pairs over the tiny vocabulary; the last anchor repeats the first's (two positives)."""
+    queries = [f"the {ADJ[i % len(ADJ)]} {WORDS[i % len(WORDS)]}" for i in range(n)]
+    positives = [f"a {ADJ[(i + 3) % len(ADJ)]} {WORDS[i % len(WORDS)]} sat on the {WORDS[(i + 2) % len(WORDS)]}"
+                 for i in range(n)]
+    queries[-1] = queries[0]
+    return {"query": queries, "positive": positives}
+
+
+def corpus(n: int = 12) -> list[str]:
+    extra = [f"an {ADJ[i % len(ADJ)]} {WORDS[(i + 5) % len(WORDS)]} ran under the tree" for i in range(10)]
+    return pairs(n)["positive"][: n - 2] + extra  # two positives missing: the loss adds them
+
+
+def st_model(path: Path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu")  # a plain transformers folder: mean pooling
+
+
+def dataset(n: int = 12):
+    from datasets import Dataset
+
+    return Dataset.from_dict(pairs(n))
+
+
+def trainer_for(model, loss, out: Path, **kwargs):
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from mochi_retrieval.integrations.sentence_transformers import BankRefreshCallback
+
+    defaults = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                    use_cpu=True, save_strategy="no", report_to=[], logging_steps=1, seed=0, data_seed=0,
+                    dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0)
+    defaults.update(kwargs)
+    args = SentenceTransformerTrainingArguments(**defaults)
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset(), loss=loss,
+                                      callbacks=[BankRefreshCallback(loss)])
+
+
+def bank_loss(model, **kwargs):
+    from mochi_retrieval.integrations.sentence_transformers import BankNegativesLoss
+
+    settings = dict(bank=BankSettings(candidates=4, mined_negatives=1, refresh_every=2, backend="torch",
+                                      device="cpu"),
+                    mochi=MoCHiConfig(n_hard=4, n_mix=3, n_query_mix=2), max_neg_pos_ratio=0.98)
+    settings.update(kwargs)
+    return BankNegativesLoss(model, dataset(), corpus(), **settings)
+
+
+def test_missing_sentence_transformers_names_the_extra(monkeypatch):
+    name = "mochi_retrieval.integrations.sentence_transformers"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    with pytest.raises(ImportError, match=r"mochi-retrieval\[sentence-transformers\]"):
+        importlib.import_module(name)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_runs_with_the_loss_and_refreshes_on_schedule(tiny_text_model_dir, tmp_path, accumulation):
+    model = st_model(tiny_text_model_dir)
+    loss = bank_loss(model)
+    assert len(loss.doc_texts) == 22  # 20 corpus documents + 2 positives it lacked
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = trainer_for(model, loss, tmp_path, gradient_accumulation_steps=accumulation,
+                          per_device_train_batch_size=4 // accumulation)
+    history = trainer.train()
+    assert torch.isfinite(torch.tensor(history.training_loss))
+    # the initial pass, then every refresh_every=2 optimiser steps (not micro-batches)
+    assert [r["step"] for r in loss.engine.refresh_log] == [0, 2]
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    out = loss.last_output
+    assert out["neg_logits"].shape[0] == 4 // accumulation and torch.isfinite(out["pos_logits"]).all()
+
+
+def test_loss_without_its_callback_says_so(tiny_text_model_dir):
+    model = st_model(tiny_text_model_dir)
+    loss = bank_loss(model)
+    features = [model.preprocess(pairs()["query"][:2]), model.preprocess(pairs()["positive"][:2])]
+    with pytest.raises(RuntimeError, match="BankRefreshCallback"):
+        loss(features, None)
+
+
+def test_bad_input_is_named(tiny_text_model_dir):
+    from datasets import Dataset
+
+    from mochi_retrieval.integrations.sentence_transformers import BankNegativesLoss
+
+    model = st_model(tiny_text_model_dir)
+    with pytest.raises(ValueError, match="corpus is empty"):
+        BankNegativesLoss(model, dataset(), [])
+    with pytest.raises(ValueError, match=r"corpus: 1 empty or non-text entries \(rows 1"):
+        BankNegativesLoss(model, dataset(), ["a cat", "  "])
+    with pytest.raises(ValueError, match="two text columns, got 3"):
+        BankNegativesLoss(model, Dataset.from_dict({**pairs(), "negative": pairs()["positive"]}))
+    with pytest.raises(ValueError, match="bank.candidates=40"):
+        BankNegativesLoss(model, dataset(), corpus(), bank=BankSettings(candidates=40))
+    loss = BankNegativesLoss(model, dataset(), corpus())
+    loss.begin_step(0, 0.0)
+    features = [model.preprocess(["the cat"]), model.preprocess(["a fox jumps over the house"])]
+    with pytest.raises(ValueError, match="not in the loss's documents"):
+        loss(features, None)
+
+
+def test_prompts_must_agree_with_the_trainer(tiny_text_model_dir, tmp_path):
+    model = st_model(tiny_text_model_dir)
+    loss = bank_loss(model)
+    trainer = trainer_for(model, loss, tmp_path, prompts={"positive": "document: "})
+    with pytest.raises(ValueError, match="document_prompt='document: '"):
+        trainer.train()
+
+
+def reference_model(tiny_text_model_dir: Path, settings: dict):
+    """Our trainer's objects on the same pairs: TextPairs, its batches and a TextMoCo as build_text_model
+    makes it (doc space = each pair's positive, bank over the training positives)."""
+    from mochi_retrieval.data.images import Sharding
+    from mochi_retrieval.data.text_pairs import TextPairBatches, TextPairs, family_groups, token_groups
+    from mochi_retrieval.encoders import HFTextEncoder
+    from mochi_retrieval.text_model import BankCorpus, TextMoCo
+
+    text_pairs = TextPairs.from_dataset(dataset())
+    encoder = HFTextEncoder(tiny_text_model_dir, pooling="mean", max_length=512)
+    docs = text_pairs.doc_space()
+    ids = text_pairs.training_doc_ids()
+    groups, table = token_groups(docs, encoder.tokenize)
+    model = TextMoCo(encoder, groups, queue_size=0, temperature=0.05, mochi=settings["mochi"], bank=settings["bank"],
+                     bank_corpus=BankCorpus(ids, [docs[i] for i in ids.tolist()]),
+                     max_neg_pos_ratio=settings["max_neg_pos_ratio"], doc_families=family_groups(docs),
+                     token_groups=table, seed=0)
+    return model, TextPairBatches(text_pairs, encoder.tokenize, Sharding(4), seed=0)
+
+
+def bert_name(name: str) -> str:
+    """A BertModel parameter's name inside any wrapper: from its first 'embeddings.' or 'encoder.'."""
+    return name[min(i for i in (name.find("embeddings."), name.find("encoder.")) if i >= 0):]
+
+
+def test_a_step_equals_our_trainers_step(tiny_text_model_dir):
+    """Form against form: same weights, batch, bank and step -> the same logits and gradients."""
+    from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+    from mochi_retrieval.integrations.sentence_transformers import BankNegativesLoss
+
+    settings = dict(bank=BankSettings(candidates=3, mined_negatives=2, refresh_every=0, backend="torch",
+                                      device="cpu"),
+                    mochi=MoCHiConfig(n_hard=4, n_mix=3, n_query_mix=2), max_neg_pos_ratio=0.98)
+    reference, batches = reference_model(tiny_text_model_dir, settings)
+    model = st_model(tiny_text_model_dir)
+    loss = BankNegativesLoss(model, dataset(), pairs()["positive"], **settings)  # corpus = the positives
+    assert loss.doc_texts == pairs()["positive"]
+    loss.eval(), reference.eval()  # no dropout: the two networks are the same function
+    rows = [11, 3, 0, 5]  # rows 11 and 0 share their query: each other's positive is masked for both
+    batch = batches.collate(torch.tensor(rows))
+    collate = SentenceTransformerDataCollator(preprocess_fn=model.preprocess)
+    features = [{k[len(c) + 1:]: v for k, v in collate([dataset()[i] for i in rows]).items() if k.startswith(c)}
+                for c in ("query", "positive")]
+
+    reference.refresh_bank(0)
+    loss.engine.refresh_bank(0)
+    torch.testing.assert_close(loss.engine.bank.embeddings, reference.bank.embeddings)
+    for step in (0, 1):  # two steps: the second sees the bank rows the first wrote
+        loss.begin_step(step, 0.0)
+        got = loss(features, None)
+        ref = reference(batch["query"], batch["positive"], batch["ids"], batch["exclude"], epoch=0.0, step=step)
+        mine = loss.last_output
+        torch.testing.assert_close(mine["q"], ref["q"])
+        torch.testing.assert_close(mine["k"], ref["k"])
+        torch.testing.assert_close(mine["pos_logits"], ref["pos_logits"])
+        torch.testing.assert_close(mine["neg_logits"], ref["neg_logits"])
+        assert mine["neg_logits"].shape == (4, 4 + 4 * 2 + 3)  # in-batch, mined (re-encoded), bank vectors
+        torch.testing.assert_close(got, ref["loss"])
+        assert bool(mine["neg_logits"].isinf().any())  # masked entries (the shared query's other positive)
+        got.backward()
+        ref["loss"].backward()
+        grads = {bert_name(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+        ref_grads = {bert_name(n): p.grad for n, p in reference.encoder.named_parameters() if p.grad is not None}
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+        model.zero_grad(), reference.zero_grad()
+    torch.testing.assert_close(loss.engine.bank.embeddings, reference.bank.embeddings)
+
+
+def test_a_resumed_run_continues_with_the_same_bank(tiny_text_model_dir, tmp_path):
+    from mochi_retrieval.integrations.sentence_transformers import BANK_STATE_FILE, read_bank_state
+
+    whole, first = tmp_path / "whole", tmp_path / "resumed"
+    model = st_model(tiny_text_model_dir)
+    loss = bank_loss(model, bank=BankSettings(candidates=4, mined_negatives=1, refresh_every=3, backend="torch",
+                                              device="cpu"))
+    trainer_for(model, loss, whole, max_steps=4, save_strategy="steps", save_steps=2).train()
+    assert [r["step"] for r in loss.engine.refresh_log] == [0, 3]
+    saved = read_bank_state(whole / "checkpoint-2" / BANK_STATE_FILE)
+    assert int(saved["step"]) == 2 and saved["bank.embeddings"].shape == (22, 32)
+
+    shutil.copytree(whole / "checkpoint-2", first / "checkpoint-2")  # as if the first run stopped there
+    model2 = st_model(tiny_text_model_dir)
+    loss2 = bank_loss(model2, bank=BankSettings(candidates=4, mined_negatives=1, refresh_every=3, backend="torch",
+                                                device="cpu"))
+    trainer_for(model2, loss2, first, max_steps=4, save_strategy="steps", save_steps=2).train(
+        resume_from_checkpoint=True)
+    assert [r["step"] for r in loss2.engine.refresh_log] == [3]  # loaded at 2, no initial pass; refreshed at 3
+    torch.testing.assert_close(loss2.engine.bank.embeddings, loss.engine.bank.embeddings)
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        torch.testing.assert_close(p2, p, msg=name)
+
+
+def test_a_resume_without_bank_state_says_where_it_looked(tiny_text_model_dir, tmp_path):
+    model = st_model(tiny_text_model_dir)
+    trainer_for(model, bank_loss(model), tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2).train()
+    (tmp_path / "a" / "checkpoint-2" / "mochi_bank_state.pt").unlink()
+    model2 = st_model(tiny_text_model_dir)
+    trainer = trainer_for(model2, bank_loss(model2), tmp_path / "a", max_steps=4)
+    with pytest.raises(FileNotFoundError, match="resume_from=FOLDER"):
+        trainer.train(resume_from_checkpoint=True)
