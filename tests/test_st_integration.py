@@ -238,3 +238,65 @@ def test_a_resume_without_bank_state_says_where_it_looked(tiny_text_model_dir, t
     trainer = trainer_for(model2, bank_loss(model2), tmp_path / "a", max_steps=4)
     with pytest.raises(FileNotFoundError, match="resume_from=FOLDER"):
         trainer.train(resume_from_checkpoint=True)
+
+
+# ------------------------------------------------------------------ the example and the guide
+ROOT = Path(__file__).parents[1]
+
+
+def write_files(folder: Path) -> tuple[Path, Path]:
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = pairs()
+    with (folder / "pairs.jsonl").open("w") as f:
+        for q, p in zip(data["query"], data["positive"]):
+            f.write(json.dumps({"query": q, "positive": p}) + "\n")
+    with (folder / "corpus.jsonl").open("w") as f:
+        for i, text in enumerate(corpus()):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+    return folder / "pairs.jsonl", folder / "corpus.jsonl"
+
+
+def test_the_example_runs_as_written(tiny_text_model_dir, tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import sentence_transformers_bank as example
+
+    pairs_file, corpus_file = write_files(tmp_path / "data")
+    out = tmp_path / "model"
+    assert example.main(["--pairs", str(pairs_file), "--corpus", str(corpus_file), "--max-steps", "2",
+                         "--output-dir", str(out), "--model-path", str(tiny_text_model_dir),
+                         "--batch-size", "4"]) == 0
+    trained = SentenceTransformer(str(out), device="cpu")
+    assert trained.encode(["the big cat"]).shape == (1, 32)
+
+
+def test_the_guide_shows_the_examples_code():
+    import re
+
+    guide = (ROOT / "docs/guides/sentence_transformers.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+    assert (ROOT / "examples/sentence_transformers_bank.py").read_text() in blocks
+    assert "docs/guides/sentence_transformers.md" in (ROOT / "README.md").read_text()
+
+
+def test_the_readers_name_the_file_and_line(tmp_path):
+    from mochi_retrieval.errors import EvalInputError
+    from mochi_retrieval.integrations.sentence_transformers import read_beir_corpus, read_pairs_jsonl
+
+    pairs_file, corpus_file = write_files(tmp_path)
+    assert read_pairs_jsonl(pairs_file).column_names == ["query", "positive"]
+    assert len(read_beir_corpus(corpus_file)) == 20
+    pairs_file.write_text('{"query": "a cat", "positive": "a cat sat"}\n{"query": "a dog", "answer": "x"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: no text in column\(s\) 'positive'"):
+        read_pairs_jsonl(pairs_file)
+    corpus_file.write_text('{"_id": "d1", "text": "a cat"}\n{"_id": "d2", "text": \n')
+    with pytest.raises(EvalInputError, match=r"corpus.jsonl:2: not valid JSON"):
+        read_beir_corpus(corpus_file)
+    corpus_file.write_text("\n")
+    with pytest.raises(ValueError, match="holds no documents"):
+        read_beir_corpus(corpus_file)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_pairs_jsonl(tmp_path / "missing.jsonl")

@@ -40,6 +40,7 @@ never touch the bank.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -273,8 +274,14 @@ class BankNegativesLoss(nn.Module):
         self._step, self._epoch, self._micro = int(step), float(epoch), 0
         if self.engine.bank is None or not self.engine.refresh_due(self._step):
             return False
-        self.engine.refresh_bank(self._step)
+        self.refresh_bank(self._step)
         return True
+
+    def refresh_bank(self, step: int) -> None:
+        """Re-embed the corpus into the bank (each process a slice). Not through the trainer's DDP wrapper:
+        processes may embed different numbers of batches, which a DDP forward's collectives cannot take."""
+        self.encoder.bind(None)
+        self.engine.refresh_bank(step)
 
     def configure(self, args: Any) -> None:
         """Read the trainer's arguments: gradient accumulation, and check that the prompts agree."""
@@ -368,6 +375,50 @@ def _prompt_for(prompts: Any, column: str) -> str | None:
     return None
 
 
+def read_pairs_jsonl(path: str | Path, query_column: str = "query", positive_column: str = "positive"):
+    """A JSON-lines pairs file -> a ``datasets.Dataset`` with the columns ``query_column``, ``positive_column``
+    (in that order, as the trainer reads them). Errors name the file and the line (lines count from 1)."""
+    from datasets import Dataset
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} does not exist")
+    columns: dict[str, list[str]] = {query_column: [], positive_column: []}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+            missing = [c for c in columns if not isinstance(row.get(c), str) or not row[c].strip()]
+            if missing:
+                raise ValueError(f"{path}, line {number}: no text in column(s) {', '.join(map(repr, missing))} "
+                                 f"(keys found: {', '.join(map(repr, row)) or 'none'})")
+            for c in columns:
+                columns[c].append(row[c])
+    if not columns[query_column]:
+        raise ValueError(f"{path}: the file holds no pairs")
+    return Dataset.from_dict(columns)
+
+
+def read_beir_corpus(path: str | Path) -> list[str]:
+    """The document texts of a BEIR ``corpus.jsonl`` (``{"_id", "title", "text"}`` a line), each
+    ``(title + " " + text).strip()`` as BEIR encodes them. Errors name the file and the line."""
+    from mochi_retrieval.data.beir import _load_texts
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist")
+    _, texts = _load_texts(path, with_title=True)
+    if not texts:
+        raise ValueError(f"{path} holds no documents")
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------- state
 def bank_state(loss: BankNegativesLoss) -> dict[str, Tensor]:
     """What a resumed run needs besides the trainer's checkpoint: the bank's rows and the engine's own state
@@ -443,7 +494,7 @@ class BankRefreshCallback(TrainerCallback):
             load_bank_state(self.loss, saved)
             logger.info("bank state loaded from %s (step %d)", path, state.global_step)
         elif self.loss.engine.bank is not None:
-            self.loss.engine.refresh_bank(0)  # the initial pass
+            self.loss.refresh_bank(0)  # the initial pass
 
     def _checkpoint_file(self, args, step: int) -> Path:
         folders = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
@@ -465,4 +516,5 @@ class BankRefreshCallback(TrainerCallback):
 
 
 __all__ = ["BANK_STATE_FILE", "BankNegativesLoss", "BankRefreshCallback", "SentenceTransformerEncoder",
-           "bank_state", "load_bank_state", "read_bank_state", "save_bank_state", "token_keys"]
+           "bank_state", "load_bank_state", "read_bank_state", "read_beir_corpus", "read_pairs_jsonl",
+           "save_bank_state", "token_keys"]
