@@ -49,7 +49,7 @@ def dataset(n: int = 12):
     return Dataset.from_dict(pairs(n))
 
 
-def trainer_for(model, loss, out: Path, **kwargs):
+def trainer_for(model, loss, out: Path, eval_dataset=None, **kwargs):
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from mochi_retrieval.integrations.sentence_transformers import BankRefreshCallback
@@ -59,8 +59,8 @@ def trainer_for(model, loss, out: Path, **kwargs):
                     dataloader_num_workers=0, disable_tqdm=True, warmup_steps=0)
     defaults.update(kwargs)
     args = SentenceTransformerTrainingArguments(**defaults)
-    return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset(), loss=loss,
-                                      callbacks=[BankRefreshCallback(loss)])
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset(), eval_dataset=eval_dataset,
+                                      loss=loss, callbacks=[BankRefreshCallback(loss)])
 
 
 def bank_loss(model, **kwargs):
@@ -96,6 +96,20 @@ def test_trainer_runs_with_the_loss_and_refreshes_on_schedule(tiny_text_model_di
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     out = loss.last_output
     assert out["neg_logits"].shape[0] == 4 // accumulation and torch.isfinite(out["pos_logits"]).all()
+
+
+def test_bf16_and_evaluation_leave_the_bank_alone(tiny_text_model_dir, tmp_path):
+    """bf16 autocast trains; the trainer's eval_dataset gets the in-batch loss and never writes the bank."""
+    model = st_model(tiny_text_model_dir)
+    loss = bank_loss(model)
+    trainer = trainer_for(model, loss, tmp_path, dataset(), max_steps=2, bf16=True, eval_strategy="steps",
+                          eval_steps=2, per_device_eval_batch_size=4)
+    trainer.train()
+    assert loss.last_output["q"].dtype == torch.float32 and torch.isfinite(loss.last_output["neg_logits"]).any()
+    bank = loss.engine.bank.embeddings.clone()
+    metrics = trainer.evaluate()
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert torch.equal(loss.engine.bank.embeddings, bank)
 
 
 def test_loss_without_its_callback_says_so(tiny_text_model_dir):
@@ -300,3 +314,42 @@ def test_the_readers_name_the_file_and_line(tmp_path):
         read_beir_corpus(corpus_file)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         read_pairs_jsonl(tmp_path / "missing.jsonl")
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import test_st_integration as t
+from mochi_retrieval.distributed import replicas_agree
+
+model = t.st_model(Path({model!r}))
+loss = t.bank_loss(model)
+trainer = t.trainer_for(model, loss, Path({out!r}), max_steps=3, per_device_train_batch_size=2,
+                        ddp_backend="gloo", save_strategy="steps", save_steps=3)
+trainer.train()
+state = {{"bank": loss.engine.bank.embeddings, "weights": next(model.parameters()).detach()}}
+result = {{"disagree": replicas_agree(state), "refreshes": [r["step"] for r in loss.engine.refresh_log],
+          "neg_logits": list(loss.last_output["neg_logits"].shape)}}
+Path({out!r}, "rank" + os.environ["RANK"] + ".json").write_text(json.dumps(result))
+"""
+
+
+def test_two_processes_share_one_bank(tiny_text_model_dir, tmp_path):
+    """torchrun, 2 processes (gloo), 2 pairs each: both hold the same bank and weights after 3 steps, every
+    query sees the global batch's documents and mined documents, and the checkpoint holds the bank."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_text_model_dir), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((out / f"rank{rank}.json").read_text())
+        assert result == {"disagree": [], "refreshes": [0, 2], "neg_logits": [2, 4 + 4 * 1 + 4]}
+    assert (out / "checkpoint-3" / "mochi_bank_state.pt").is_file()
