@@ -327,7 +327,8 @@ class BankNegativesLoss(nn.Module):
             text = self.encoder.st.tokenizer.decode(list(keys[row])) if hasattr(self.encoder.st, "tokenizer") else ""
             raise ValueError(f"{ids.count(-1)} positives of this batch are not in the loss's documents (row {row}: "
                              f"{text[:80]!r}): build BankNegativesLoss with the train_dataset the trainer trains on, "
-                             "and document_prompt equal to the prompt of args.prompts for the positive column")
+                             "document_prompt equal to the prompt of args.prompts for the positive column, and "
+                             "after setting the model's max_seq_length (the texts must tokenise as in training)")
         return torch.tensor(ids, dtype=torch.long)
 
     def _exclusions(self, query: Mapping[str, Tensor], ids: Tensor) -> Tensor:
