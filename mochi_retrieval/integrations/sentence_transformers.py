@@ -60,6 +60,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
 
 from mochi_retrieval.bank import BankSettings  # noqa: E402
 from mochi_retrieval.data.text_pairs import family_groups, token_groups  # noqa: E402
+from mochi_retrieval.files import atomic_write  # noqa: E402
 from mochi_retrieval.loss import MoCHiConfig  # noqa: E402
 from mochi_retrieval.text_model import BankCorpus, TextMoCo  # noqa: E402
 
@@ -454,10 +455,8 @@ def load_bank_state(loss: BankNegativesLoss, state: Mapping[str, Tensor]) -> Non
 def save_bank_state(loss: BankNegativesLoss, folder: str | Path, step: int) -> Path:
     """Write :func:`bank_state` (and ``step``) to ``folder/mochi_bank_state.pt`` atomically."""
     path = Path(folder) / BANK_STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**bank_state(loss), "step": torch.tensor(step)}, tmp)
-    os.replace(tmp, path)
+    state = {**bank_state(loss), "step": torch.tensor(step)}
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
