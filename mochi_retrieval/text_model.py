@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bank import BankCorpus, BankSettings, RefreshPolicy
+from .bank import cache as bank_cache
 from .bank.refresh import shard
 from .core import ContrastiveCore, Gradient, MoCoConfig
 from .encoders import encode_in_batches, encoder_output_dim, eval_mode, make_momentum_copy
@@ -198,20 +199,32 @@ class TextMoCo(ContrastiveCore):
         start = time.perf_counter()
         kind = "initial" if len(self.bank) == 0 else "full"
         texts = list(self.bank_corpus.texts)
-        emb = self._embed(texts, progress=progress or (kind == "initial" and len(texts) > 10_000),
-                          desc=f"bank {kind} pass")
+        cached, key = None, None
+        if kind == "initial" and self.bank_settings.cache_dir:
+            key = bank_cache.cache_key(self._key_net(), texts, self._encoding_settings())
+            cached = bank_cache.load(self.bank_settings.cache_dir, key, len(texts))
+        emb = cached if cached is not None else self._embed(
+            texts, progress=progress or (kind == "initial" and len(texts) > 10_000), desc=f"bank {kind} pass")
+        if key is not None and cached is None and distributed.rank() == 0:
+            bank_cache.save(self.bank_settings.cache_dir, key, emb)
         key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
         ids = self.bank_corpus.ids
         self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids], step=-1 if step is None else step)
         seconds = time.perf_counter() - start
         self.bank_seconds[kind] += seconds
         self.refresh_log.append({"step": -1 if step is None else step, "seconds": seconds, "documents": len(texts),
-                                 "kind": kind})
+                                 "kind": kind, "cached": cached is not None})
         logger.info("bank %s pass at step %s: %d documents in %.1f s (%.0f documents/s)", kind, step, len(texts),
                     seconds, len(texts) / max(seconds, 1e-9))
         if kind == "initial":
             self._clock = time.perf_counter()
         return seconds
+
+    def _encoding_settings(self) -> dict:
+        """What besides the weights and texts decides the embeddings (the initial pass's cache key)."""
+        enc = self.query_encoder
+        return {"encoder": type(enc).__name__, "max_length": getattr(enc, "max_length", None),
+                "pooling": getattr(enc, "pooling", None), "batch": self.bank_settings.encode_batch_size}
 
     @torch.no_grad()
     def _refresh_rows(self, rows: Tensor, step: int) -> float:

@@ -139,3 +139,25 @@ def test_bank_round_trips_through_the_model_state_dict():
     enc3, old = _model(max_staleness=5)
     old.load_state_dict(state)
     assert len(old.bank) == 0
+
+
+def test_initial_pass_cache_hits_only_for_the_same_weights_texts_and_settings(tmp_path):
+    from test_text_model import DOCS
+
+    enc, model = _model(cache_dir=str(tmp_path))
+    model.maintain_bank(0)
+    assert len(list(tmp_path.glob("bank-initial-*.pt"))) == 1 and not model.refresh_log[0]["cached"]
+    enc2, again = _model(cache_dir=str(tmp_path))
+    again.maintain_bank(0)
+    assert again.refresh_log[0]["cached"] and torch.equal(again.bank.embeddings, model.bank.embeddings)
+    # Other weights: a miss, and a second file.
+    enc3, moved = _model(cache_dir=str(tmp_path))
+    with torch.no_grad():
+        enc3.emb.weight.add_(0.1)
+    moved.maintain_bank(0)
+    assert not moved.refresh_log[0]["cached"] and len(list(tmp_path.glob("bank-initial-*.pt"))) == 2
+    # Other encoding settings: a miss too.
+    enc4, batch = _model(cache_dir=str(tmp_path), encode_batch_size=3)
+    batch.maintain_bank(0)
+    assert not batch.refresh_log[0]["cached"]
+    assert len(DOCS) == len(model.bank)

@@ -43,6 +43,9 @@ class BankSettings:
         device: where the bank searches: "auto" (the GPU when faiss-gpu, or torch for the torch backend,
             sees one, else the CPU), "cpu", or "cuda" (the CPU with a warning when no GPU is usable).
         encode_batch_size: documents per forward pass during a refresh.
+        cache_dir: text: a folder for the initial pass's embeddings, keyed by the key network's weights, the
+            documents and the encoding settings: a later run with the same ones loads them instead of
+            encoding the corpus again; null = no cache.
     """
 
     candidates: int = 16
@@ -60,6 +63,7 @@ class BankSettings:
     include_eval_documents: bool = False
     max_staleness: int = 0
     update_with_mined: bool = False
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         require(self.candidates >= 0, "candidates", ">= 0", self.candidates)
