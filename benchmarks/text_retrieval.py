@@ -106,16 +106,18 @@ def st_imports():
     return losses, BatchSamplers, SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
 
-def mine(cfg, model, ds, corpus: list[str] | None = None, negatives: int = MINED_NEGATIVES):
+def mine(cfg, model, ds, corpus: list[str] | None = None, negatives: int = MINED_NEGATIVES,
+         cache_dir: str | None = None):
     """sentence-transformers' recommended mining: (anchor, positive, negative) triplets; (dataset, seconds).
-    ``corpus``: the documents to mine from besides the positives (None = the positives only)."""
+    ``corpus``: the documents to mine from besides the positives (None = the positives only); ``cache_dir``:
+    its own embedding cache (``cache_folder``), which skips the corpus pass of a later run."""
     from sentence_transformers.util import mine_hard_negatives
 
     start = time.perf_counter()
     mined = mine_hard_negatives(ds, model, anchor_column_name="anchor", positive_column_name="positive",
                                 corpus=corpus, relative_margin=0.05, num_negatives=negatives,
                                 sampling_strategy="top", output_format="triplet", batch_size=cfg.eval.batch_size,
-                                verbose=False)
+                                verbose=False, cache_folder=cache_dir)
     return mined, time.perf_counter() - start
 
 
@@ -133,7 +135,7 @@ def whole_corpus(cfg, pairs) -> list[str]:
     return [cfg.data.document_prefix + docs[i] for i in ids.tolist()]
 
 
-def run_st(cfg, row: str, out: Path) -> dict[str, float]:
+def run_st(cfg, row: str, out: Path, cache_dir: str | None = None) -> dict[str, float]:
     """Fine-tune with a sentence-transformers recipe under the config's budget."""
     import datasets
 
@@ -151,7 +153,8 @@ def run_st(cfg, row: str, out: Path) -> dict[str, float]:
         extra["train_rows"] = len(ds)
     if row in ("st_mined_all", "st_mined_all_1"):
         corpus = whole_corpus(cfg, pairs)
-        ds, mining_seconds = mine(cfg, model, ds, corpus, 1 if row == "st_mined_all_1" else MINED_NEGATIVES)
+        ds, mining_seconds = mine(cfg, model, ds, corpus, 1 if row == "st_mined_all_1" else MINED_NEGATIVES,
+                                  cache_dir)
         extra.update(train_rows=len(ds), corpus_documents=len(corpus))
     if row == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=16)
@@ -198,16 +201,21 @@ def run_ours(cfg) -> dict[str, float]:
             "pairs_per_s_excl": pairs / (seconds - refresh)}
 
 
-def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str]) -> dict:
+def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str],
+            cache_dir: str | None = None) -> dict:
+    """One row and seed. ``cache_dir``: the corpus pass of the whole-corpus rows (ours and the peer's) is
+    cached there and reused by later seeds; such records are marked ``cached`` and their pairs/s left out
+    of the table (they skipped a pass that a real run pays)."""
     out = out_root / f"{row}_seed{seed}"
+    cache = [f"bank.cache_dir={cache_dir}"] if cache_dir and row.startswith("ours_bank_all") else []
     base = [f"seed={seed}", f"train.max_steps={steps}", f"data.limit={steps * 32}", f"output_dir={out}",
-            "train.resume=false", *overrides]
+            "train.resume=false", *overrides, *cache]
     cfg = load_config(CONFIG, base + OURS.get(row, []))
     torch.manual_seed(seed)
     if row == "zero_shot":
         result = zero_shot(cfg)
     elif row in ST_ROWS:
-        result = run_st(cfg, row, out)
+        result = run_st(cfg, row, out, cache_dir if row.startswith("st_mined_all") else None)
     else:
         result = run_ours(cfg)
     t = cfg.train
@@ -215,7 +223,8 @@ def run_one(row: str, seed: int, steps: int, out_root: Path, overrides: list[str
         "steps": steps, "batch": t.batch_size, "max_length": cfg.model.encoder_kwargs["max_length"],
         "lr": t.lr, "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs,
         "max_grad_norm": t.max_grad_norm, "temperature": cfg.moco.temperature},
-        "overrides": overrides + OURS.get(row, [])}
+        "overrides": overrides + OURS.get(row, []) + cache,
+        "cached": bool(cache_dir) and (row.startswith("ours_bank_all") or row.startswith("st_mined_all"))}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "budget"}), flush=True)
@@ -240,7 +249,7 @@ def summarize(out_root: Path, write: bool) -> str:
     for row in order:
         rs = by_row[row]
         cells = [mean_spread([r[m] for r in rs]) for m in METRICS]
-        pps = [r["pairs_per_s"] for r in rs if "pairs_per_s" in r]
+        pps = [r["pairs_per_s"] for r in rs if "pairs_per_s" in r and not r.get("cached")]
         cells.append(f"{statistics.median(pps):.2f}" if pps else "-")
         table.append([row, ",".join(str(r["seed"]) for r in rs), *cells])
     monitors = []
@@ -254,7 +263,8 @@ def summarize(out_root: Path, write: bool) -> str:
             f"{b['lr']}, weight decay {b['weight_decay']}, warm-up {b['warmup_epochs']} epoch, cosine, clipping "
             f"{b['max_grad_norm']}; T {b['temperature']} (MNRL scale {1 / b['temperature']:.0f}); test split: all "
             f"its queries against all its documents. Cells: mean ± standard deviation over the seeds listed; "
-            f"pairs/s: median over seeds, training examples / (training + mining + bank refresh) seconds.\n\n"
+            f"pairs/s: median over the seeds that paid their own corpus pass (no --cache-dir), training examples / "
+            f"(training + mining + bank refresh) seconds.\n\n"
             + markdown_table(["row", "seeds", *METRICS, "train pairs/s"], table)
             + "\n\nMonitors (mean over seeds; doc_mean_cosine on the test documents after training, the others "
               "the last logged training window):\n\n" + markdown_table(["row", *MONITORS], monitors))
@@ -273,6 +283,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_text")
     p.add_argument("--summarize", action="store_true", help="only summarise OUT/*/bench.json into RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--cache-dir", help="cache the whole-corpus rows' corpus pass here (ours: bank.cache_dir; the "
+                                       "peer: mine_hard_negatives' cache_folder); their pairs/s then leave the table")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every row")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -288,7 +300,7 @@ def main() -> None:
         for row in rows:
             if row == "zero_shot" and seed != args.seeds[0]:
                 continue
-            run_one(row, seed, args.steps, Path(args.out), args.overrides)
+            run_one(row, seed, args.steps, Path(args.out), args.overrides, args.cache_dir)
 
 
 if __name__ == "__main__":
