@@ -17,6 +17,8 @@ test-split documents):
   (``mine_hard_negatives(corpus=...)``, the documents our ``bank.corpus=all`` holds: every document
   but the test split's), 3 and 1 negatives per query;
 - ``cached_mnrl``: ``CachedMultipleNegativesRankingLoss`` (GradCache, mini-batch 16);
+- ``st_bank_loss``: ``SentenceTransformerTrainer`` with this library's ``BankNegativesLoss`` and
+  ``BankRefreshCallback`` under the config's bank settings (the ``ours_bank`` row inside their trainer);
 - ``ours_*``: ``python -m mochi_retrieval.train configs/debian_minilm.yaml`` with the
   overrides in ``OURS`` (bank refreshes count in pairs/s).
 
@@ -82,7 +84,7 @@ OURS = {
     "ours_momentum_queue": ["model.key_encoder=momentum", "moco.queue_size=1024", "bank.enabled=false",
                             "mochi.enabled=false", "moco.in_batch_negatives=false"],
 }
-ST_ROWS = ["mnrl", "st_mined", "st_mined_all", "st_mined_all_1", "cached_mnrl"]
+ST_ROWS = ["mnrl", "st_mined", "st_mined_all", "st_mined_all_1", "cached_mnrl", "st_bank_loss"]
 ROWS = ["zero_shot", *ST_ROWS, *OURS]
 METRICS = ["recall@1", "recall@10", "mrr@10", "ndcg@10"]
 MONITORS = ["doc_mean_cosine", "mass_positive", "mass_in_batch", "mass_mined", "mass_queue", "mass_bank",
@@ -156,8 +158,16 @@ def run_st(cfg, row: str, out: Path, cache_dir: str | None = None) -> dict[str, 
         ds, mining_seconds = mine(cfg, model, ds, corpus, 1 if row == "st_mined_all_1" else MINED_NEGATIVES,
                                   cache_dir)
         extra.update(train_rows=len(ds), corpus_documents=len(corpus))
+    callbacks = []
     if row == "cached_mnrl":
         loss = losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=16)
+    elif row == "st_bank_loss":
+        from mochi_retrieval.integrations.sentence_transformers import BankNegativesLoss, BankRefreshCallback
+
+        loss = BankNegativesLoss(model, ds, bank=cfg.bank.settings(), mochi=cfg.mochi.settings(),
+                                 temperature=cfg.moco.temperature, max_neg_pos_ratio=cfg.moco.max_neg_pos_ratio,
+                                 gradient=cfg.moco.gradient, seed=cfg.seed)
+        callbacks = [BankRefreshCallback(loss)]
     else:
         loss = losses.MultipleNegativesRankingLoss(model, scale=scale)
     t = cfg.train
@@ -166,7 +176,7 @@ def run_st(cfg, row: str, out: Path, cache_dir: str | None = None) -> dict[str, 
                 lr_scheduler_type="cosine", seed=cfg.seed, max_grad_norm=t.max_grad_norm or 0.0,
                 save_strategy="no", report_to="none", logging_steps=25, use_cpu=True, dataloader_drop_last=True,
                 batch_sampler=BatchSamplers.NO_DUPLICATES)
-    trainer = Trainer(model=model, args=args, train_dataset=ds, loss=loss)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, loss=loss, callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
