@@ -297,17 +297,19 @@ def test_the_guide_shows_the_examples_code():
 
 
 def test_the_readers_name_the_file_and_line(tmp_path):
-    from mochi_retrieval.errors import EvalInputError
     from mochi_retrieval.integrations.sentence_transformers import read_beir_corpus, read_pairs_jsonl
 
     pairs_file, corpus_file = write_files(tmp_path)
     assert read_pairs_jsonl(pairs_file).column_names == ["query", "positive"]
     assert len(read_beir_corpus(corpus_file)) == 20
     pairs_file.write_text('{"query": "a cat", "positive": "a cat sat"}\n{"query": "a dog", "answer": "x"}\n')
-    with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: no text in column\(s\) 'positive'"):
+    with pytest.raises(ValueError, match=r"pairs.jsonl: 1 empty texts \(positive in 1 row: 1"):
+        read_pairs_jsonl(pairs_file)
+    pairs_file.write_text('{"query": "a cat", "positive": "a cat sat"}\n{"query": "a dog", \n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: not valid JSON"):
         read_pairs_jsonl(pairs_file)
     corpus_file.write_text('{"_id": "d1", "text": "a cat"}\n{"_id": "d2", "text": \n')
-    with pytest.raises(EvalInputError, match=r"corpus.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: not valid JSON"):
         read_beir_corpus(corpus_file)
     corpus_file.write_text("\n")
     with pytest.raises(ValueError, match="holds no documents"):

@@ -40,7 +40,6 @@ never touch the bank.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -384,47 +383,31 @@ def _prompt_for(prompts: Any, column: str) -> str | None:
 
 
 def read_pairs_jsonl(path: str | Path, query_column: str = "query", positive_column: str = "positive"):
-    """A JSON-lines pairs file -> a ``datasets.Dataset`` with the columns ``query_column``, ``positive_column``
-    (in that order, as the trainer reads them). Errors name the file and the line (lines count from 1)."""
+    """A pairs file (JSON lines, CSV/TSV or Parquet, read as our trainer reads it) -> a ``datasets.Dataset``
+    with the columns ``query_column``, ``positive_column`` (in that order, as the trainer reads them).
+    Errors name the file and, for a malformed line, the line (lines count from 1)."""
     from datasets import Dataset
+
+    from ..data.text_pairs import TextPairs
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
-    columns: dict[str, list[str]] = {query_column: [], positive_column: []}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            missing = [c for c in columns if not isinstance(row.get(c), str) or not row[c].strip()]
-            if missing:
-                raise ValueError(f"{path}, line {number}: no text in column(s) {', '.join(map(repr, missing))} "
-                                 f"(keys found: {', '.join(map(repr, row)) or 'none'})")
-            for c in columns:
-                columns[c].append(row[c])
-    if not columns[query_column]:
-        raise ValueError(f"{path}: the file holds no pairs")
-    return Dataset.from_dict(columns)
+    pairs = TextPairs.from_file(path, query_column, positive_column)
+    return Dataset.from_dict({query_column: [ex.query for ex in pairs.examples],
+                              positive_column: [ex.positive for ex in pairs.examples]})
 
 
 def read_beir_corpus(path: str | Path) -> list[str]:
-    """The document texts of a BEIR ``corpus.jsonl`` (``{"_id", "title", "text"}`` a line), each
-    ``(title + " " + text).strip()`` as BEIR encodes them. Errors name the file and the line."""
-    from mochi_retrieval.data.beir import _load_texts
+    """The document texts of a documents file (a BEIR ``corpus.jsonl``, ``{"_id", "title", "text"}`` a line,
+    each ``(title + " " + text).strip()`` as BEIR encodes them; or one text a line), as our
+    ``bank.corpus=PATH`` reads it. Errors name the file and the line."""
+    from ..data.documents import load_documents
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist")
-    _, texts = _load_texts(path, with_title=True)
-    if not texts:
-        raise ValueError(f"{path} holds no documents")
-    return texts
+    return load_documents(path)[1]
 
 
 # ---------------------------------------------------------------------------------------------- state
