@@ -247,7 +247,10 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def summarize(out_root: Path, write: bool) -> str:
+SECTION = "text_retrieval (Debian descriptions, all-MiniLM-L6-v2), seeds"
+
+
+def summarize(out_root: Path, write: bool, section: str = SECTION) -> str:
     records = [json.loads(p.read_text()) for p in sorted(out_root.glob("*_seed*/bench.json"))]
     if not records:
         raise SystemExit(f"no bench.json under {out_root}")
@@ -280,7 +283,7 @@ def summarize(out_root: Path, write: bool) -> str:
               "the last logged training window):\n\n" + markdown_table(["row", *MONITORS], monitors))
     print(body)
     if write:
-        append_results("text_retrieval (Debian descriptions, all-MiniLM-L6-v2), seeds", body)
+        append_results(section, body)
     return body
 
 
@@ -292,6 +295,7 @@ def main() -> None:
                    help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--out", default="runs/bench_text")
     p.add_argument("--summarize", action="store_true", help="only summarise OUT/*/bench.json into RESULTS.md")
+    p.add_argument("--section", default=SECTION, help="the RESULTS.md section title of --summarize")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("--cache-dir", help="cache the whole-corpus rows' corpus pass here (ours: bank.cache_dir; the "
                                        "peer: mine_hard_negatives' cache_folder); their pairs/s then leave the table")
@@ -300,7 +304,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.summarize:
-        summarize(Path(args.out), not args.no_write)
+        summarize(Path(args.out), not args.no_write, args.section)
         return
     rows = [r for r in args.rows.split(",") if r]
     bad = [r for r in rows if r not in ROWS]
