@@ -89,7 +89,7 @@ ROWS = ["zero_shot", *ST_ROWS, *OURS]
 METRICS = ["recall@1", "recall@10", "mrr@10", "ndcg@10"]
 MONITORS = ["doc_mean_cosine", "mass_positive", "mass_in_batch", "mass_mined", "mass_queue", "mass_bank",
             "mass_synthetic", "grad_mass_share", "false_neg_family_top16", "bank_staleness_mean",
-            "bank_staleness_max", "bank_encode_share"]
+            "bank_staleness_max", "bank_age_mean", "bank_encode_share"]
 MINED_NEGATIVES = 3
 
 

@@ -255,8 +255,8 @@ class TextMoCo(ContrastiveCore):
 
     @torch.no_grad()
     def _bank_monitors(self, step: int | None) -> dict[str, Tensor]:
-        """Staleness (in optimiser steps) of the rows served this step, and the share of wall time spent
-        encoding for the bank since the initial pass."""
+        """Staleness (in optimiser steps) of the rows served this step against the mean age of all rows, and
+        the share of wall time spent encoding for the bank since the initial pass."""
         if self.bank is None or step is None or getattr(self.bank, "last_rows", None) is None:
             return {}
         age = self.bank.staleness(step)
@@ -264,6 +264,10 @@ class TextMoCo(ContrastiveCore):
         stats: dict[str, Tensor] = {}
         if age.numel():
             stats.update(bank_staleness_mean=age.mean(), bank_staleness_max=age.max())
+        stamps = self.bank.stamps
+        embedded = stamps[stamps >= 0]
+        if embedded.numel():  # the whole bank's mean age: served rows younger than this are favoured by drift
+            stats["bank_age_mean"] = (step - embedded).float().mean()
         if self._clock is not None:
             wall = time.perf_counter() - self._clock
             spent = self.bank_seconds["full"] + self.bank_seconds["rolling"]

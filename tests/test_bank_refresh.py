@@ -104,6 +104,7 @@ def test_monitors_report_the_staleness_of_served_rows_and_the_encode_share():
         m = out["monitors"]
         assert 0 <= float(m["bank_staleness_mean"]) <= float(m["bank_staleness_max"]) <= min(step, 5)
         assert 0.0 <= float(m["bank_encode_share"]) <= 1.0
+        assert 0 <= float(m["bank_age_mean"]) <= min(step, 5)
 
 
 def test_mined_documents_are_written_back_when_asked():
