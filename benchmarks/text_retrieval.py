@@ -77,6 +77,10 @@ OURS = {
     "ours_bank_all_rolling": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000"],
     "ours_bank_all_rolling_mochi": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
                                            "mochi.enabled=true"],
+    # The control for the whole corpus's extra false negatives: a positive's whole family (same first
+    # paragraph: a library, its -dev and -doc packages) out of the bank.
+    "ours_bank_all_rolling_family": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
+                                            "bank.exclude_family=true"],
     # MoCHi among the documents that carry gradient (the document term), on top of the config's pair mixes.
     "ours_bank_docmix": BANK + ["mochi.enabled=true", "mochi.document_mixes=true"],
     "ours_bank_all_rolling_docmix": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
