@@ -182,6 +182,8 @@ class TextMoCo(ContrastiveCore):
         if self.bank is None or (step is not None and self._maintained == step):
             return 0.0
         self._maintained = step
+        if self._clock is None and len(self.bank):  # a bank restored from a checkpoint: the share starts here
+            self._clock = time.perf_counter()
         if self.bank_due(step):
             return self.refresh_bank(step)
         if step is None:
@@ -207,9 +209,9 @@ class TextMoCo(ContrastiveCore):
             texts, progress=progress or (kind == "initial" and len(texts) > 10_000), desc=f"bank {kind} pass")
         if key is not None and cached is None and distributed.rank() == 0:
             bank_cache.save(self.bank_settings.cache_dir, key, emb)
-        key = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
+        table = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
         ids = self.bank_corpus.ids
-        self.bank.refresh(emb, ids=ids, text_group=key.cpu()[ids], step=-1 if step is None else step)
+        self.bank.refresh(emb, ids=ids, text_group=table.cpu()[ids], step=-1 if step is None else step)
         seconds = time.perf_counter() - start
         self.bank_seconds[kind] += seconds
         self.refresh_log.append({"step": -1 if step is None else step, "seconds": seconds, "documents": len(texts),
