@@ -276,14 +276,7 @@ class ContrastiveCore(nn.Module):
             return None
         plan = mixing.sample_plan(neg.detach(), n_hard, mochi.n_mix, mochi.n_query_mix, mochi.beta_max, generator)
         self.last_document_plan = plan
-        b = qd.shape[0]
-        docs = torch.cat([v.unsqueeze(0).expand(b, -1, -1) if v.dim() == 2 else v for v in blocks], dim=1)
-        pool = docs.gather(1, plan.hard_idx.unsqueeze(-1).expand(-1, -1, docs.shape[2]))  # (B, N, D), with grad
-        pick = lambda idx: pool.gather(1, idx.unsqueeze(-1).expand(-1, -1, pool.shape[2]))  # noqa: E731
-        a, beta = plan.alpha.unsqueeze(-1), plan.beta.unsqueeze(-1)
-        pairs = torch.nn.functional.normalize(a * pick(plan.pair_i) + (1 - a) * pick(plan.pair_j), dim=2)
-        queries = torch.nn.functional.normalize(beta * qd.unsqueeze(1) + (1 - beta) * pick(plan.query_j), dim=2)
-        logits = torch.einsum("bd,bsd->bs", qd, torch.cat([pairs, queries], dim=1))
+        logits = torch.einsum("bd,bsd->bs", qd, mixing.mix_points(qd, blocks, plan))  # with the documents' gradient
         if mochi.cap_at_positive:
             logits = logits.masked_fill(logits.detach() > pos.detach().unsqueeze(1), float("-inf"))
         return logits

@@ -275,6 +275,24 @@ def _gather_block(block: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     return torch.gather(block, 1, columns.unsqueeze(-1).expand(b, s, block.shape[-1]))
 
 
+def mix_points(q: torch.Tensor, negatives: Negatives, plan: MixingPlan) -> torch.Tensor:
+    """The synthetic points of ``plan``, carrying the negatives' gradient (q is detached in the query mixes).
+
+    Returns:
+        (B, s + s', D) unit vectors: the first s are pair mixes ``normalize(a n_i + (1-a) n_j)``, the rest
+        query mixes ``normalize(b q + (1-b) n_j)``. :func:`synthesize` is the same, detached; the document
+        term's mixes (``mochi.document_mixes``) keep the gradient, so it reaches the documents mixed.
+    """
+    col_i = plan.hard_idx.gather(1, plan.pair_i)
+    col_j = plan.hard_idx.gather(1, plan.pair_j)
+    col_q = plan.hard_idx.gather(1, plan.query_j)
+    a = plan.alpha.unsqueeze(-1)
+    pair = a * gather_negatives(negatives, col_i) + (1 - a) * gather_negatives(negatives, col_j)
+    bq = plan.beta.unsqueeze(-1)
+    query = bq * q.detach().unsqueeze(1) + (1 - bq) * gather_negatives(negatives, col_q)
+    return F.normalize(torch.cat([pair, query], dim=1), dim=-1)
+
+
 def synthesize(q: torch.Tensor, negatives: Negatives, plan: MixingPlan) -> torch.Tensor:
     """Materialised synthetic points (the reference form).
 
@@ -286,17 +304,10 @@ def synthesize(q: torch.Tensor, negatives: Negatives, plan: MixingPlan) -> torch
     Returns:
         (B, s + s', D) detached unit vectors; the first s are pair mixes
         ``normalize(a n_i + (1-a) n_j)``, the rest query mixes
-        ``normalize(b q + (1-b) n_j)`` with q detached.
+        ``normalize(b q + (1-b) n_j)`` with q detached (:func:`mix_points` without gradient).
     """
     with torch.no_grad():
-        col_i = plan.hard_idx.gather(1, plan.pair_i)
-        col_j = plan.hard_idx.gather(1, plan.pair_j)
-        col_q = plan.hard_idx.gather(1, plan.query_j)
-        a = plan.alpha.unsqueeze(-1)
-        pair = a * gather_negatives(negatives, col_i) + (1 - a) * gather_negatives(negatives, col_j)
-        bq = plan.beta.unsqueeze(-1)
-        query = bq * q.detach().unsqueeze(1) + (1 - bq) * gather_negatives(negatives, col_q)
-        return F.normalize(torch.cat([pair, query], dim=1), dim=-1)
+        return mix_points(q, negatives, plan)
 
 
 def _pair_products(negatives: Negatives, col_i: torch.Tensor, col_j: torch.Tensor) -> torch.Tensor:
