@@ -130,7 +130,7 @@ def bank_documents(cfg: ExperimentConfig, pairs: TextPairs) -> tuple[list[str], 
     from ..data.documents import load_documents
 
     file_ids, file_texts = load_documents(choice)
-    known = {(i, t): n for n, (i, t) in enumerate(zip(pairs.doc_ids or [], docs))} if pairs.doc_ids else {}
+    known = {(i, t): n for n, (i, t) in enumerate(zip(pairs.doc_ids, docs))} if pairs.doc_ids else {}
     docs = list(docs)
     ids = []
     for doc_id, text in zip(file_ids, file_texts):
