@@ -150,7 +150,7 @@ class ContrastiveCore(nn.Module):
                 mined = f" + mined_negatives={bank.mined_negatives}" if bank.mined_negatives else ""
                 raise ValueError(f"bank.candidates={bank.candidates}{mined} (+ skip_top={bank.skip_top}) is more "
                                  f"than the {self._bank_items_name} holds ({bank_items} {self._bank_item_unit})")
-            self.bank = FaissNegativeBank(bank.backend, bank.device)
+            self.bank = FaissNegativeBank(bank.backend, bank.device, drift_correction=bank.drift_correction)
 
     _bank_items_name, _bank_item_unit = "corpus", "documents"
 

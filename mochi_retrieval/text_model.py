@@ -234,7 +234,7 @@ class TextMoCo(ContrastiveCore):
         start = time.perf_counter()
         texts = [self.bank_corpus.texts[r] for r in rows.tolist()]
         emb = self._embed(texts, progress=False, desc="bank rolling refresh")
-        self.bank.update(self.bank_corpus.ids[rows], emb, step=step)
+        self.bank.update(self.bank_corpus.ids[rows], emb, step=step, measure_drift=True)
         seconds = time.perf_counter() - start
         self.bank_seconds["rolling"] += seconds
         return seconds
@@ -266,6 +266,9 @@ class TextMoCo(ContrastiveCore):
         stats: dict[str, Tensor] = {}
         if age.numel():
             stats.update(bank_staleness_mean=age.mean(), bank_staleness_max=age.max())
+        shift = self.bank.last_drift_shift
+        if shift is not None and (self.bank.last_rows >= 0).any():  # the drift correction's score lift
+            stats["bank_drift_shift"] = shift[self.bank.last_rows >= 0].mean()
         stamps = self.bank.stamps
         embedded = stamps[stamps >= 0]
         if embedded.numel():  # the whole bank's mean age: served rows younger than this are favoured by drift

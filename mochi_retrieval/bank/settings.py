@@ -33,6 +33,10 @@ class BankSettings:
         max_staleness: text: rolling refresh: re-embed a slice of ceil(N / S) rows
             every optimiser step, cycling through the bank, so that no row is more
             than S steps old; 0 = off. Its cost per step is flat in S, not in N.
+        drift_correction: text, with the rolling refresh: rank and serve each row as its estimated fresh
+            embedding ``normalise(e + m(now) - m(stamp))``, where m is the mean move of the embedding space measured on
+            the rows each rolling slice re-embeds (:mod:`mochi_retrieval.bank.drift`); without it, stale rows
+            score low and mining favours the rows refreshed last.
         update_with_keys: write each batch's document keys into the bank.
         update_with_mined: text: write the re-encoded mined negatives' embeddings
             (computed by the step anyway) into the bank.
@@ -62,6 +66,7 @@ class BankSettings:
     corpus: str = "pairs"
     include_eval_documents: bool = False
     max_staleness: int = 0
+    drift_correction: bool = False
     update_with_mined: bool = False
     cache_dir: str | None = None
 

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..search import faiss_num_gpus, l2_normalize
+from .drift import DriftCorrection
 from .index import FlatIndex
 from .rows import NEVER, BankRows
 from .select import select_candidates
@@ -53,9 +54,13 @@ class FaissNegativeBank:
             "auto" (GPU when usable, else CPU).
         slack: extra neighbours fetched in the first search on top of
             ``k + skip_top + positives``.
+        drift_correction: rank and serve each row as ``normalise(e + m(now) - m(stamp))``, m(now) - m(stamp)
+            being the space's mean move since the row was embedded, measured on the rows a rolling refresh
+            re-embeds (:mod:`.drift`).
     """
 
-    def __init__(self, backend: Literal["faiss", "torch"] = "faiss", device: Device = "cpu", slack: int = 32) -> None:
+    def __init__(self, backend: Literal["faiss", "torch"] = "faiss", device: Device = "cpu", slack: int = 32,
+                 drift_correction: bool = False) -> None:
         if backend not in ("faiss", "torch"):
             raise ValueError(f"unknown bank backend {backend!r}; use 'faiss' or 'torch'")
         if device not in ("auto", "cpu", "cuda"):
@@ -66,6 +71,9 @@ class FaissNegativeBank:
         self.index = FlatIndex(backend, self.use_gpu)
         self.last_refresh_seconds = 0.0
         self.last_search_rounds = 0
+        self.drift = DriftCorrection() if drift_correction else None
+        self._search_rows: Tensor | None = None  # (N, D) rows the index holds: e - m(stamp) under drift correction
+        self.last_drift_shift: Tensor | None = None  # (B, k) q.(m(now) - m(stamp)) of the rows last served
 
     @staticmethod
     def _resolve_gpu(backend: str, device: str) -> bool:
@@ -121,15 +129,24 @@ class FaissNegativeBank:
         """
         start = time.perf_counter()
         self.rows.replace(embeddings, ids, text_group, step, normalized=_normalized)
-        self.index.dirty = True
+        if self.drift is not None:
+            self.drift.reset(self.dim, step)
+        self._written()
         self.last_refresh_seconds = time.perf_counter() - start
         logger.info("bank refreshed: %d x %d, %s on %s, %.3f s", len(self), self.dim, self.backend,
                     "GPU" if self.use_gpu else "CPU", self.last_refresh_seconds)
 
+    def _written(self) -> None:
+        """Rows changed: the index and the search rows are rebuilt on the next search."""
+        self.index.dirty = True
+        self._search_rows = None
+
     @torch.no_grad()
-    def update(self, doc_indices: Tensor, embeddings: Tensor, step: int = NEVER) -> None:
+    def update(self, doc_indices: Tensor, embeddings: Tensor, step: int = NEVER, *,
+               measure_drift: bool = False) -> None:
         """Replace rows in place: doc_indices (n,) ids, embeddings (n, D), written at ``step``. The index is
-        rebuilt lazily."""
+        rebuilt lazily. ``measure_drift``: the embeddings are fresh eval-mode embeddings of these rows (a
+        rolling slice), so under drift correction they measure the space's move m(step)."""
         self._check_ready()
         doc_indices = doc_indices.reshape(-1)
         if embeddings.shape != (doc_indices.numel(), self.dim):
@@ -137,8 +154,16 @@ class FaissNegativeBank:
         rows = self.rows.rows_of(doc_indices)
         if (rows < 0).any():
             raise ValueError(f"update names ids not in the bank: {doc_indices.cpu()[rows < 0][:5].tolist()}")
+        if self.drift is not None:
+            if measure_drift:
+                self.drift.observe(self.embeddings[rows.to(self.embeddings.device)], self.stamps[rows],
+                                   l2_normalize(embeddings.detach().float()), step)
+            else:
+                self.drift.record(step)
         self.rows.write(rows, embeddings, step)
-        self.index.dirty = True
+        if self.drift is not None:
+            self.drift.prune(self.stamps)
+        self._written()
 
     def add(self, keys: Tensor, ids: Tensor | None = None, labels: Tensor | None = None) -> None:
         """Write keys (n, D) to the rows of ``ids`` (n,); see :meth:`update`."""
@@ -226,9 +251,10 @@ class FaissNegativeBank:
         out = torch.full((b, k), -1, dtype=torch.long)
         todo = torch.arange(b)
         kk, self.last_search_rounds = min(n, k + skip_top + excl.shape[1] + self.slack), 0
+        search_rows = self._searched()  # (N, D): the rows, or their drift-corrected estimates
         while todo.numel():
             self.last_search_rounds += 1
-            scores, rows = self.index.search(self.embeddings, q[todo], kk)
+            scores, rows = self.index.search(search_rows, q[todo], kk)
             left, picked = select_candidates(
                 scores, rows, k, exclude_rows=excl[todo], row_groups=groups,
                 exclude_groups=None if excl_groups is None else excl_groups[todo], skip_top=skip_top,
@@ -247,11 +273,33 @@ class FaissNegativeBank:
             todo, kk = todo[~done], min(n, 2 * kk)
         self.last_rows = out  # (B, k) CPU rows served, -1 = empty slot (for staleness monitors)
         missing = out < 0
-        vectors = self.embeddings[out.clamp(min=0).to(self.embeddings.device)].to(queries.device, torch.float32)
+        vectors = self._served(out, q)
         ids = self.rows.ids_of(out)
         if missing.any():
             vectors = vectors.masked_fill(missing.to(vectors.device).unsqueeze(-1), 0.0)
         return ids.to(queries.device), vectors
+
+    def _searched(self) -> Tensor:
+        """(N, D) the unit rows the index ranks and serves: the embeddings, or under drift correction their
+        estimates normalise(e + m(now) - m(stamp)), rebuilt after every write (a rolling refresh writes and
+        measures every step, and rebuilds the index anyway)."""
+        if self.drift is None:
+            return self.embeddings
+        if self._search_rows is None:
+            move = (self.drift.current - self.drift.offsets(self.stamps)).to(self.embeddings.device)
+            self._search_rows = l2_normalize(self.embeddings + move)
+        return self._search_rows
+
+    def _served(self, out: Tensor, q: Tensor) -> Tensor:
+        """(B, k, D) float32 unit vectors of rows ``out`` (B, k) (-1 = empty slot, zeroed by the caller), on the
+        queries' device: the stored rows, or under drift correction their estimates."""
+        picked = out.clamp(min=0).to(self.embeddings.device)
+        vectors = self._searched()[picked].float()
+        self.last_drift_shift = None
+        if self.drift is not None:  # (B, k) how much the correction moved each served row's score
+            lift = vectors - self.embeddings[picked].float()
+            self.last_drift_shift = (q.detach().float().unsqueeze(1).to(lift.device) * lift).sum(-1).cpu()
+        return vectors.to(q.device)
 
     def _exclusion_groups(self, excl: Tensor, given: Tensor | None, dupes: bool,
                           b: int) -> tuple[Tensor | None, Tensor | None]:
@@ -280,8 +328,12 @@ class FaissNegativeBank:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Tensor]:
-        """Tensors only (``torch.load(..., weights_only=True)`` safe): embeddings, ids, text groups, stamps."""
-        return self.rows.state_dict()
+        """Tensors only (``torch.load(..., weights_only=True)`` safe): embeddings, ids, text groups, stamps
+        (and the drift correction's offsets)."""
+        state = self.rows.state_dict()
+        if self.drift is not None:
+            state.update(self.drift.state_dict())
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore a :meth:`state_dict` (rebuilds the index)."""
@@ -294,3 +346,11 @@ class FaissNegativeBank:
                      _normalized=True)  # stored rows are unit already: keep them bit for bit
         if "stamps" in state and state["stamps"].shape == self.rows.stamps.shape:
             self.rows.stamps = state["stamps"].clone()
+        if self.drift is not None:
+            if "drift_current" in state:
+                self.drift.load_state_dict(state)
+            else:  # saved without the correction: every row as it is, until the next measurement
+                self.drift.reset(self.dim, NEVER)
+                for stamp in self.stamps.unique().tolist():
+                    self.drift.record(stamp)
+            self._written()
