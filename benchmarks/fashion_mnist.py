@@ -26,7 +26,13 @@ Rows (``--rows``, the first five by default):
 - ``bank_oracle`` (only when named): the bank with the same-class mask (the bank then retrieves other
   classes only): against ``oracle``, what the bank adds once it brings no false negatives;
 - ``copies`` (only when named): MoCHi's draws with each pair point a copy of one pool member
-  (``mochi.copies_only=true``), the control that separates mixing from re-weighting the hard pool.
+  (``mochi.copies_only=true``), the control that separates mixing from re-weighting the hard pool;
+- label-free false-negative handling (only when named; :mod:`mochi_retrieval.false_negatives`, with the
+  config's ``false_negatives`` settings), each without and with MoCHi: ``fnc_elim`` / ``fnc_elim_mochi`` (support-view
+  detection, flagged entries eliminated), ``fnc_attr`` / ``fnc_attr_mochi`` (flagged entries attracted as
+  positives), ``nn_pos`` / ``nn_pos_mochi`` (the queue entry nearest the key replaces it as the positive,
+  NNCLR). Paired by seed against ``moco`` / ``mochi`` and the oracle rows; their step time is measured side
+  by side against MoCo's (support views included).
 
 A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation's run folder
 (``<out>/<row>_seed<seed>/bench.json``) when that run's resolved config equals this one's (output
@@ -71,17 +77,34 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "bank_oracle": ("MoCHi + bank + oracle", ["mochi.enabled=true", "bank.enabled=true", "moco.mask_same_label=true"]),
     "copies": ("MoCHi's draws as copies (no mixing)", ["mochi.enabled=true", "mochi.copies_only=true"]),
 }
+#: The false-negative rows switch the handling on; the detector's settings are the config's ``false_negatives``
+#: section (override them on the command line, e.g. ``false_negatives.top_k=10``, for every row at once).
+FN_ROWS = {
+    "fnc_elim": ("MoCo-v2 + FNC elimination", "eliminate", False),
+    "fnc_elim_mochi": ("MoCHi + FNC elimination", "eliminate", True),
+    "fnc_attr": ("MoCo-v2 + FNC attraction", "attract", False),
+    "fnc_attr_mochi": ("MoCHi + FNC attraction", "attract", True),
+    "nn_pos": ("MoCo-v2 + nearest-neighbour positive", "nearest_positive", False),
+    "nn_pos_mochi": ("MoCHi + nearest-neighbour positive", "nearest_positive", True),
+}
+for _key, (_name, _handling, _mochi) in FN_ROWS.items():
+    ROWS[_key] = (_name, [f"mochi.enabled={str(_mochi).lower()}", f"false_negatives.handling={_handling}"])
 DEFAULT_ROWS = ("moco", "mochi", "oracle", "moco_oracle", "bank")
 #: Differences reported paired by seed (row, baseline): MoCHi's effect with and without false negatives in its
 #: pool, what the false negatives cost, what the bank adds (with and without its false negatives), and the
 #: re-weighting control against MoCHi and MoCo.
 PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("moco_oracle", "moco"),
          ("bank", "mochi"), ("bank_oracle", "oracle"), ("bank_oracle", "bank"), ("copies", "mochi"),
-         ("copies", "moco"))
+         ("copies", "moco"),
+         # each false-negative handling against MoCo-v2, its MoCHi twin against it and against MoCHi
+         *((key, "moco") for key in FN_ROWS if not key.endswith("_mochi")),
+         *(pair for key in FN_ROWS if key.endswith("_mochi") for pair in ((key, key[: -len("_mochi")]),
+                                                                          (key, "mochi"))))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).
 # Data settings a random-init network's evaluation does not read: training augmentation and loader workers.
 TRAIN_ONLY_DATA = ("crop_scale", "blur_prob", "jitter", "num_workers")
-MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool", "cluster_masked", "cluster_precision")
+MONITORS = ("accuracy", "pos_sim", "hardest_neg_sim", "false_neg_hard_pool", "cluster_masked", "cluster_precision",
+            "fn_flagged", "fn_precision", "fn_recall", "fn_mass", "fn_support_s")
 
 
 def pixel_features(root: str, standardise: bool, limit: int | None = None) -> Features:
@@ -157,20 +180,25 @@ def floor_rows(cfg, seeds: list[int], overrides: list[str], cache: Path, reuse: 
     return rows
 
 
-def paired_steppers(overrides: list[str], steps: int, start: Path | None = None):
-    """(the MoCo and MoCHi training steps, the data, the batches): two models from the same seed (and from ``start``, a
-    training checkpoint with weights and a trained queue, when given), MoCHi active from the first step, both
-    cycling through the same ``steps`` real batches (of the checkpoint's epoch)."""
-    first = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0"])
+#: What the side-by-side timing adds to every row: MoCHi and the false-negative handling active from step one.
+TIMING = ["mochi.warmup_epochs=0", "false_negatives.start_epoch=0"]
+
+
+def paired_steppers(overrides: list[str], steps: int, start: Path | None = None, rows: tuple[str, ...] = ("mochi",)):
+    """(the training steps of MoCo and of each of ``rows``, the data, the batches): models from the same seed
+    (and from ``start``, a training checkpoint with weights and a trained queue, when given), MoCHi and the
+    false-negative handling active from the first step, all cycling through the same ``steps`` real batches
+    (of the checkpoint's epoch; with as many support views as any row uses, which the others ignore)."""
+    configs = {name: load_config(CONFIG, overrides + ROWS[name][1] + TIMING) for name in ("moco", *rows)}
+    first = max(configs.values(), key=lambda c: c.false_negatives.extra_views)
     if first.train.keep_host_memory:  # as training does (mochi_retrieval.training.runner)
         keep_freed_host_memory()
     data = build_data(first, OneCpuProcess())
     state = torch.load(start, map_location="cpu", weights_only=False) if start is not None else None
     batches = [b for _, b in zip(range(steps), data.epoch(state["epoch"] if state else 0))]
     steps_of = {}
-    for name, enabled in (("moco", False), ("mochi", True)):
+    for name, cfg in configs.items():
         torch.manual_seed(0)
-        cfg = load_config(CONFIG, overrides + ["mochi.warmup_epochs=0", f"mochi.enabled={str(enabled).lower()}"])
         model = build_model(cfg, data.steps_per_epoch, 1)
         if state is not None:
             model.load_state_dict(state["model"])
@@ -178,25 +206,29 @@ def paired_steppers(overrides: list[str], steps: int, start: Path | None = None)
     return steps_of, data, batches
 
 
-def step_timing(overrides: list[str], steps: int, start: Path | None = None) -> tuple[float, float, float]:
-    """(MoCHi/MoCo step-time ratio, training images/s of MoCo, loader images/s), side by side.
+def step_timing(overrides: list[str], steps: int, start: Path | None = None,
+                rows: tuple[str, ...] = ("mochi",)) -> tuple[dict[str, float], float, float, int]:
+    """({row: its step time / MoCo's}, training images/s of MoCo, loader images/s, views per image), side by
+    side.
 
-    ``start``: a training checkpoint both models load first (weights and a trained queue, whose scores
+    ``start``: a training checkpoint every model loads first (weights and a trained queue, whose scores
     are what the hard-pool selection sorts in a real run; without it the queue holds random keys)."""
-    steps_of, data, batches = paired_steppers(overrides, steps, start)
+    steps_of, data, batches = paired_steppers(overrides, steps, start, rows)
     times = interleaved_medians(steps_of, steps, torch.device("cpu"))
     batch_size = batches[0]["view_q"].shape[0]
     it = data.epoch(1)
     loader = interleaved_medians({"loader": lambda: next(it)}, steps, torch.device("cpu"))["loader"]
-    return times["mochi"] / times["moco"], batch_size / times["moco"], batch_size / loader
+    views = 2 + (batches[0]["view_support"].shape[0] if "view_support" in batches[0] else 0)
+    ratios = {row: times[row] / times["moco"] for row in rows}
+    return ratios, batch_size / times["moco"], batch_size / loader, views
 
 
-def timing_table(ratio: float, train_ips: float, loader_ips: float) -> str:
+def timing_table(ratios: dict[str, float], train_ips: float, loader_ips: float, views: int = 2) -> str:
     return markdown_table(
         ["measured side by side", "value"],
-        [["MoCHi step time / MoCo step time (median)", f"{ratio:.3f}x"],
+        [*([f"{ROWS[row][0]} step time / MoCo step time (median)", f"{r:.3f}x"] for row, r in ratios.items()),
          ["training images/s (MoCo step)", f"{train_ips:.0f}"],
-         ["data pipeline images/s (two views each)", f"{loader_ips:.0f}"]])
+         [f"data pipeline images/s ({views} views each)", f"{loader_ips:.0f}"]])
 
 
 def end_monitors(records: list[dict]) -> dict[str, float]:
@@ -217,9 +249,11 @@ def monitors_text(m: dict) -> str:
     parts = []
     for key, short in (("accuracy", "acc"), ("pos_sim", "pos"), ("hardest_neg_sim", "hardest"),
                        ("false_neg_hard_pool", "same-class pool"), ("cluster_masked", "cluster-masked"),
-                       ("cluster_precision", "their same-class share")):
+                       ("cluster_precision", "their same-class share"), ("fn_flagged", "flagged"),
+                       ("fn_precision", "their same-class share"), ("fn_recall", "same-class top-256 flagged"),
+                       ("fn_mass", "their softmax mass"), ("fn_support_s", "support views s/step")):
         if key in m:
-            parts.append(f"{short} {m[key]:.2f}")
+            parts.append(f"{short} {m[key]:.3f}" if key == "fn_support_s" else f"{short} {m[key]:.2f}")
     if "loss_change_last_epoch" in m:
         parts.append(f"loss {m['final_loss']:.2f} ({m['loss_change_last_epoch']:+.2f} in last epoch)")
     return ", ".join(parts)
@@ -227,13 +261,16 @@ def monitors_text(m: dict) -> str:
 
 def _resolved(cfg) -> dict:
     """The resolved config as a dict, without what does not change the result: the output folder, resume,
-    and with MoCHi off its mixing settings (``n_hard`` stays: it sizes the hard-pool monitor)."""
+    with MoCHi off its mixing settings (``n_hard`` stays: it sizes the hard-pool monitor), and with the
+    false-negative handling off its settings."""
     d = to_dict(cfg)
     d.pop("output_dir")
     d["train"].pop("resume")
     d["train"].pop("keep_host_memory")  # where freed memory goes, not what is computed
     if not d["mochi"]["enabled"]:
         d["mochi"] = {"enabled": False, "n_hard": d["mochi"]["n_hard"]}
+    if d["false_negatives"]["handling"] == "none":  # its settings unused (runs from before the section match)
+        d["false_negatives"] = {"handling": "none"}
     return d
 
 
@@ -315,7 +352,8 @@ def main() -> None:
 
     side = ""
     if args.timing_steps > 0:
-        side = timing_table(*step_timing(args.overrides, args.timing_steps, args.timing_from))
+        timed = ("mochi", *(row for row in args.rows if row in FN_ROWS))
+        side = timing_table(*step_timing(args.overrides, args.timing_steps, args.timing_from, timed))
         if args.timing_from is not None:
             side = f"both models start from `{args.timing_from}`\n\n{side}"
         print(side)

@@ -39,6 +39,7 @@ from .bank import BankSettings, FaissNegativeBank
 from .clusters import same_cluster_mask, spherical_kmeans
 from .encoders import cosine_momentum, momentum_update
 from .errors import require
+from .false_negatives import FalseNegativeConfig, FalseNegativeStep, false_negative_step
 from .loss import ContrastiveOutput, MoCHiConfig, contrastive_loss, info_nce_from_logits, negative_logits
 from .negatives import NO_ID, NegativeSource, Query, Source, negative_mask
 from .queue import MomentumQueue
@@ -106,11 +107,14 @@ class ContrastiveCore(nn.Module):
         total_steps: length of the momentum schedule, in forward calls.
         mochi: MoCHi settings, or None.
         seed: seeds the MoCHi draws of step t as (seed, t, rank), so a resumed run repeats them.
+        false_negatives: label-free false-negative handling (:mod:`mochi_retrieval.false_negatives`), or None.
     """
 
     def __init__(self, settings: MoCoConfig, *, total_steps: int | None, mochi: MoCHiConfig | None,
-                 seed: int) -> None:
+                 seed: int, false_negatives: FalseNegativeConfig | None = None) -> None:
         super().__init__()
+        self.false_negatives = false_negatives if false_negatives is not None and false_negatives.enabled else None
+        self.fn_step: FalseNegativeStep | None = None  # last step's handling (a monitor's input)
         if settings.momentum_schedule == "cosine" and not total_steps:
             raise ValueError("momentum_schedule='cosine' needs total_steps")
         self.settings, self.mochi, self.seed, self.total_steps = settings, mochi, seed, total_steps
@@ -212,8 +216,8 @@ class ContrastiveCore(nn.Module):
     # ------------------------------------------------------------------ step
     def contrastive_step(self, q: Tensor, k: Tensor, sources: Sequence[Source], *, ids: Tensor | None,
                          groups: Tensor | None, epoch: float, step: int | None, documents_grad: bool = False,
-                         dedupe: bool = True, max_neg_pos_ratio: float | None = None) -> tuple[ContrastiveOutput,
-                                                                                              Tensor]:
+                         dedupe: bool = True, max_neg_pos_ratio: float | None = None,
+                         support: Tensor | None = None) -> tuple[ContrastiveOutput, Tensor]:
         """Mask, loss, key writes: returns the output (logits, plan) and the loss to back-propagate.
 
         The blocks must be built before this call: the key writes overwrite queue and bank entries.
@@ -226,29 +230,40 @@ class ContrastiveCore(nn.Module):
             epoch: fractional epoch, for the MoCHi warm-up; step: forward-call index (reproducible draws).
             documents_grad: whether documents share the query encoder (and get gradient).
             dedupe, max_neg_pos_ratio: see :func:`~mochi_retrieval.negatives.negative_mask`.
+            support: (S, B, D) unit support views of the B images (false-negative detection), or None.
         """
         mask = negative_mask(q, k, sources, dedupe=dedupe, max_neg_pos_ratio=max_neg_pos_ratio)
         self.cluster_masked = self._cluster_mask(k.detach(), sources, epoch, step)
         if self.cluster_masked is not None:
             self.cluster_masked = self.cluster_masked & ~mask  # what the clusters add to the other rules
             mask = mask | self.cluster_masked
+        k_loss, positives = k, None
+        self.fn_step = None
+        if self.false_negatives is not None:
+            if documents_grad:
+                raise ValueError("false-negative handling is an option of a momentum key network (images)")
+            self.fn_step = false_negative_step(self.false_negatives, q, k, [s.vectors for s in sources], mask,
+                                               support, epoch)
+            if self.fn_step is not None:
+                mask, positives, k_loss = self.fn_step.mask, self.fn_step.positives, self.fn_step.positive_key
         generator = self._step_generator(step, q.device) if step is not None else None
         # The contrastive head runs in float32 even under autocast.
         with torch.autocast(device_type=q.device.type, enabled=False):
-            out, loss = self._loss(q, k, sources, mask, epoch, generator, documents_grad)
+            out, loss = self._loss(q, k_loss, sources, mask, epoch, generator, documents_grad, positives)
         self.write_keys(k.detach(), ids, groups)
         return out, loss
 
     def _loss(self, q: Tensor, k: Tensor, sources: Sequence[Source], mask: Tensor, epoch: float,
-              generator: torch.Generator | None, documents_grad: bool) -> tuple[ContrastiveOutput, Tensor]:
+              generator: torch.Generator | None, documents_grad: bool,
+              positives: Tensor | None = None) -> tuple[ContrastiveOutput, Tensor]:
         """The union's InfoNCE; under the query-only rule with gradient-carrying documents, plus the document
-        term (see the module docstring)."""
+        term (see the module docstring). ``positives`` (B, M): extra positives (multi-positive InfoNCE)."""
         blocks = [s.vectors for s in sources]
-        mochi = self._step_mochi(mask, epoch)
+        mochi = self._step_mochi(mask if positives is None else mask | positives, epoch)
         detached = mochi is not None or any(not s.grad for s in sources)
         if not (documents_grad and self.gradient == "query_only" and detached):
             out = contrastive_loss(q, k, blocks, self.temperature, mochi=mochi, epoch=epoch,
-                                   neg_mask=mask, generator=generator)
+                                   neg_mask=mask, generator=generator, positives=positives)
             return out, out.loss
         out = contrastive_loss(q, k.detach(), [v.detach() for v in blocks], self.temperature, mochi=mochi,
                                epoch=epoch, neg_mask=mask, generator=generator)

@@ -128,6 +128,38 @@ def info_nce_from_logits(
     return (torch.logsumexp(part_lse, dim=1) - pos_logits.float() / temperature).mean()
 
 
+def multi_positive_info_nce(
+    pos_logits: torch.Tensor,
+    extra_pos_logits: torch.Tensor,
+    neg_logits: torch.Tensor,
+    temperature: float,
+    synthetic_logits: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Multi-positive InfoNCE (false negative attraction, Huynh et al. 2022, eq. 4; SupCon's L_out form).
+
+    Per query with positives P = {k} + its extra positives and every logit A = P + negatives (+ synthetic):
+    ``L = -1/|P| sum_{p in P} log( exp(s_p / T) / sum_{a in A} exp(s_a / T) )``, averaged over queries.
+    With no extra positive it is :func:`info_nce_from_logits`.
+
+    Args:
+        pos_logits: (B,) un-scaled q.k.
+        extra_pos_logits: (B, M) un-scaled scores of the extra positives, ``-inf`` where a column is not one.
+        neg_logits: (B, M') un-scaled negative scores (``-inf`` = masked).
+        temperature: T > 0.
+        synthetic_logits: optional (B, S) un-scaled synthetic negative scores.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    parts = [pos_logits.unsqueeze(1), extra_pos_logits, neg_logits]
+    if synthetic_logits is not None:
+        parts.append(synthetic_logits)
+    part_lse = torch.stack([torch.logsumexp(p.float() / temperature, dim=1) for p in parts], dim=1)
+    denominator = torch.logsumexp(part_lse, dim=1)  # (B,)
+    extra = torch.isfinite(extra_pos_logits)
+    pos_sum = pos_logits.float() + extra_pos_logits.float().masked_fill(~extra, 0.0).sum(1)
+    return (denominator - pos_sum / temperature / (1 + extra.sum(1))).mean()
+
+
 def proxy_accuracy(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
     """Share of queries whose positive outranks every real negative (ties go to the positive)."""
     with torch.no_grad():
@@ -146,6 +178,7 @@ def contrastive_loss(
     epoch: float = math.inf,
     neg_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    positives: torch.Tensor | None = None,
 ) -> ContrastiveOutput:
     """MoCo-v2 InfoNCE, with MoCHi synthetic negatives once ``mochi`` is active.
 
@@ -160,11 +193,22 @@ def contrastive_loss(
         neg_mask: (B, M) True for false negatives: dropped from the loss and
             from the hard pool.
         generator: for reproducible mixing draws.
+        positives: (B, M) True for columns that are extra positives of that query (false negative
+            attraction): they leave the negatives and the hard pool and the loss is
+            :func:`multi_positive_info_nce`; None = one positive.
     """
     if q.shape != k.shape or q.dim() != 2:
         raise ValueError(f"q and k must both be (B, D); got {tuple(q.shape)} and {tuple(k.shape)}")
     pos = (q * k).sum(dim=1)
-    neg = negative_logits(q, negatives, neg_mask)
+    extra = None
+    if positives is None:
+        neg = negative_logits(q, negatives, neg_mask)
+    else:
+        scores = negative_logits(q, negatives)
+        if positives.shape != scores.shape:
+            raise ValueError(f"positives shape {tuple(positives.shape)} does not match logits {tuple(scores.shape)}")
+        extra = scores.masked_fill(~positives, float("-inf"))
+        neg = scores.masked_fill(positives if neg_mask is None else neg_mask | positives, float("-inf"))
     synthetic, plan = None, None
     if mochi is not None and mochi.active(epoch):
         plan = mixing.sample_plan(
@@ -175,7 +219,10 @@ def contrastive_loss(
         synthetic = mixing.synthetic_logits(q, neg, negatives, plan)
         if mochi.cap_at_positive:
             synthetic = synthetic.masked_fill(synthetic > pos.detach().unsqueeze(1), float("-inf"))
-    loss = info_nce_from_logits(pos, neg, temperature, synthetic)
+    if extra is None:
+        loss = info_nce_from_logits(pos, neg, temperature, synthetic)
+    else:
+        loss = multi_positive_info_nce(pos, extra, neg, temperature, synthetic)
     return ContrastiveOutput(loss, proxy_accuracy(pos, neg), pos, neg, synthetic, plan)
 
 

@@ -9,6 +9,7 @@ returns named tensors; the trainer owns optimisation, devices and logging.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from .bank import BankSettings
 from .core import ContrastiveCore, MoCoConfig, no_ids
 from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
 from .encoders.split_bn import convert_split_batchnorm
+from .false_negatives import FalseNegativeConfig, detector_monitors
 from .loss import MoCHiConfig
 from .negatives import NO_ID, Query, Source
 
@@ -66,6 +68,9 @@ class MoCo(ContrastiveCore):
             ``bank.candidates`` rows (its own item excluded, and its class too
             under ``mask_same_label``) as extra negatives, also in MoCHi's pool.
         bank_labels: (N,) class of every training item (sizes the bank; -1 = unknown).
+        false_negatives: label-free false-negative handling (support-view detection with elimination or
+            attraction, or the nearest-neighbour positive; :mod:`mochi_retrieval.false_negatives`); the
+            detector needs ``view_support`` in :meth:`forward`. None = off.
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class MoCo(ContrastiveCore):
         seed: int = 0,
         bank: BankSettings | None = None,
         bank_labels: torch.Tensor | None = None,
+        false_negatives: FalseNegativeConfig | None = None,
     ) -> None:
         if bank is not None and bank_labels is None:
             raise ValueError("bank: needs bank_labels, the (N,) class of every training item (it sizes the bank)")
@@ -103,7 +109,7 @@ class MoCo(ContrastiveCore):
                               symmetric=symmetric, max_neg_pos_ratio=max_neg_pos_ratio,
                               false_negative_clusters=false_negative_clusters, cluster_every=cluster_every,
                               cluster_start_epoch=cluster_start_epoch)
-        super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed)
+        super().__init__(settings, total_steps=total_steps, mochi=mochi, seed=seed, false_negatives=false_negatives)
         head = ProjectionHead(encoder_output_dim(encoder), head_hidden_dim, head_out_dim, head_layers)
         self.query_net = EncoderWithHead(encoder, head)
         self.key_net = make_momentum_copy(self.query_net)
@@ -179,11 +185,14 @@ class MoCo(ContrastiveCore):
         labels: torch.Tensor | None = None,
         epoch: float = math.inf,
         step: int | None = None,
+        view_support: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One step: returns ``loss`` (with gradient) and detached diagnostics inputs.
 
         Args:
             view_q, view_k: (B, ...) two augmented views of the same B images.
+            view_support: (S, B, ...) S more views of them, the false-negative detector's support views
+                (encoded by the key network only while the handling is active); None without one.
             ids: (B,) instance ids (dataset indices), for same-instance masking.
             labels: (B,) class labels, for same-label masking and diagnostics.
             epoch: fractional epoch, for the MoCHi warm-up.
@@ -204,10 +213,12 @@ class MoCo(ContrastiveCore):
             return diverged
         self._momentum_step(self.query_net, self.key_net, step)
         k = self.encode_keys(view_k, step)
+        support, support_s = self._encode_support(view_support, epoch, step)
         if self.settings.symmetric:
             k = torch.cat([k, self.encode_keys(view_q, step, stream=1)])
             ids = None if ids is None else ids.repeat(2)
             labels = None if labels is None else labels.repeat(2)
+            support = None if support is None else support.repeat(1, 2, 1)
         b = q.shape[0]
         same_instance = self.mask_same_instance and ids is not None
         same_label = self.mask_same_label and labels is not None
@@ -220,7 +231,7 @@ class MoCo(ContrastiveCore):
         queue_labels = sources[0].groups if len(sources) == 1 else torch.cat(  # the queue block holds a copy
             [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
         out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False,
-                                          max_neg_pos_ratio=self.settings.max_neg_pos_ratio)
+                                          max_neg_pos_ratio=self.settings.max_neg_pos_ratio, support=support)
         result = {
             "loss": loss,
             "accuracy": out.accuracy,
@@ -234,10 +245,34 @@ class MoCo(ContrastiveCore):
             result["query_labels"] = labels  # (2B,) when symmetric
         if self.cluster_masked is not None:
             result["monitors"] = cluster_monitors(self.cluster_masked, labels, queue_labels)
+        if self.fn_step is not None:
+            pos = (q.detach() * k).sum(1)  # q.k with the step's own key, also under nearest_positive=replace
+            fn = detector_monitors(self.fn_step, pos, self.temperature, labels, queue_labels)
+            if support_s is not None:
+                fn["fn_support_s"] = torch.tensor(support_s)
+            result.setdefault("monitors", {}).update(fn)
         if out.plan is not None:
             result.update(hard_idx=out.plan.hard_idx, pair_i=out.plan.pair_i, pair_j=out.plan.pair_j,
                           query_j=out.plan.query_j)
         return result
+
+    def _encode_support(self, view_support: torch.Tensor | None, epoch: float,
+                        step: int | None) -> tuple[torch.Tensor | None, float | None]:
+        """(S, B, D) unit support views from the key network and the seconds they took (on an accelerator
+        the device is synchronised around them), or (None, None) when the detector is off or inactive."""
+        fn = self.false_negatives
+        if fn is None or not fn.detects or not fn.active(epoch) or fn.support_views == 0:
+            return None, None
+        if view_support is None or view_support.shape[0] < fn.support_views:
+            got = "none" if view_support is None else view_support.shape[0]
+            raise ValueError(f"false_negatives.support_views={fn.support_views}: the batch must carry that many "
+                             f"view_support views (S, B, ...), got {got}")
+        sync = torch.cuda.synchronize if view_support.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        views = [self.encode_keys(v, step, stream=2 + i) for i, v in enumerate(view_support[: fn.support_views])]
+        sync()
+        return torch.stack(views), time.perf_counter() - start
 
     def _bank_source(self, q: torch.Tensor, ids: torch.Tensor | None) -> Source:
         """Each query's bank candidates (B, c, D): its own item excluded (and its class under

@@ -15,10 +15,11 @@ from typing import Any, Literal, Optional
 from ..bank import BankSettings
 from ..core import MoCoConfig
 from ..errors import ConfigValueError, require
+from ..false_negatives import FalseNegativeConfig
 from ..loss import MoCHiConfig
 
-__all__ = ["BankSection", "DataConfig", "EvalConfig", "ExperimentConfig", "MoCHiSection", "MoCoConfig", "ModelConfig",
-           "TEXT_DATASETS", "TrainConfig"]
+__all__ = ["BankSection", "DataConfig", "EvalConfig", "ExperimentConfig", "FalseNegativeConfig", "MoCHiSection",
+           "MoCoConfig", "ModelConfig", "TEXT_DATASETS", "TrainConfig"]
 
 
 @dataclass
@@ -279,6 +280,9 @@ class ExperimentConfig:
     """MoCHi hard negative mixing."""
     bank: BankSection = field(default_factory=BankSection)
     """FAISS hard-negative bank."""
+    false_negatives: FalseNegativeConfig = field(default_factory=FalseNegativeConfig)
+    """Images: label-free false-negative handling in the queue (support-view detection with elimination or
+    attraction, or the nearest-neighbour positive)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and bookkeeping."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -310,6 +314,12 @@ class ExperimentConfig:
                      self.moco.symmetric)
             require(not self.moco.false_negative_clusters, "moco.false_negative_clusters",
                     "0 for text runs (an image option)", self.moco.false_negative_clusters)
+        fn = self.false_negatives
+        if fn.enabled:
+            require(not self.data.is_text, "false_negatives.handling", "'none' for text runs (an image option)",
+                    fn.handling)
+            require(fn.top_k < self.moco.queue_size, "false_negatives.top_k",
+                    f"< moco.queue_size ({self.moco.queue_size})", fn.top_k)
         if self.data.is_text and not (self.moco.in_batch_negatives or self.moco.queue_size or self.bank.enabled):
             raise ConfigValueError("moco.in_batch_negatives", "no negatives left: enable in-batch negatives, "
                                    "the queue (moco.queue_size > 0) or the bank (bank.enabled)")

@@ -42,13 +42,13 @@ def mocov2_transform(image_size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD
 
 
 class TwoCrops:
-    """Two independent views of one image: the MoCo query and key."""
+    """Two independent views of one image: the MoCo query and key (then ``extra`` more: support views)."""
 
-    def __init__(self, transform) -> None:
-        self.transform = transform
+    def __init__(self, transform, extra: int = 0) -> None:
+        self.transform, self.extra = transform, extra
 
     def __call__(self, image):
-        return self.transform(image), self.transform(image)
+        return tuple(self.transform(image) for _ in range(2 + self.extra))
 
 
 @dataclass

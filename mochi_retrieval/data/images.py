@@ -82,14 +82,16 @@ class InMemoryViews:
         augment: the batched aug+.
         seed: base seed.
         device: where batches and augmentation go.
+        support_views: S more views per image in ``view_support`` (S, B, ...), drawn after the two views
+            (which stay those of S = 0); the false-negative detector's support views.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, sharding: Sharding,
-                 augment: BatchAugment, seed: int, device: torch.device | str = "cpu") -> None:
+                 augment: BatchAugment, seed: int, device: torch.device | str = "cpu", support_views: int = 0) -> None:
         if images.dim() != 4 or images.dtype != torch.uint8:
             raise ValueError(f"images must be (N, C, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
         self.images, self.labels = images, labels
-        self.sharding, self.augment, self.seed = sharding, augment, seed
+        self.sharding, self.augment, self.seed, self.support_views = sharding, augment, seed, support_views
         self.device = torch.device(device)
         self.steps_per_epoch = sharding.steps_per_epoch(len(images))
 
@@ -97,7 +99,8 @@ class InMemoryViews:
         return len(self.images)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches ``start_step .. steps_per_epoch-1`` of this epoch: view_q, view_k, ids, labels."""
+        """Batches ``start_step .. steps_per_epoch-1`` of this epoch: view_q, view_k, ids, labels (and
+        view_support)."""
         perm = epoch_permutation(len(self.images), self.seed, epoch)
         gen = torch.Generator(device=self.device)
         for step in range(start_step, self.steps_per_epoch):
@@ -105,6 +108,8 @@ class InMemoryViews:
             gen.manual_seed(hash((self.seed, epoch, step, self.sharding.rank)) & 0x7FFF_FFFF_FFFF)
             x = self.images[idx].to(self.device, non_blocking=True)
             batch = {"view_q": self.augment(x, gen), "view_k": self.augment(x, gen), "ids": idx.to(self.device)}
+            if self.support_views:
+                batch["view_support"] = torch.stack([self.augment(x, gen) for _ in range(self.support_views)])
             if self.labels is not None:
                 batch["labels"] = self.labels[idx].to(self.device)
             yield batch
@@ -127,8 +132,9 @@ class _SeededFolder(Dataset):
         index, sample_seed = key
         index, image, skipped = self._load(index)
         torch.manual_seed(sample_seed)  # torchvision's random transforms draw from the global RNG
-        q, k = self.transform(image)
-        return q, k, index, self.folder.samples[index][1], skipped
+        q, k, *support = self.transform(image)
+        support = torch.stack(support) if support else torch.empty(0)
+        return q, k, support, index, self.folder.samples[index][1], skipped
 
     def _load(self, index: int):
         """(index actually loaded, image, files skipped on the way)."""
@@ -172,15 +178,16 @@ class FolderViews:
             :attr:`skipped` counts them.
         scale, jitter, p_blur: crop area range, colour-jitter strength and blur probability of
             :func:`~mochi_retrieval.data.augment.mocov2_transform`.
+        support_views: S more views per image in ``view_support`` (S, B, ...), drawn after the two views.
     """
 
     def __init__(self, root: str, sharding: Sharding, seed: int, image_size: int = 224, num_workers: int = 8,
                  class_list: Sequence[str] | None = None, device: torch.device | str = "cpu",
                  skip_corrupt: bool = False, scale: tuple[float, float] = (0.2, 1.0), jitter: float = 0.4,
-                 p_blur: float = 0.5) -> None:
+                 p_blur: float = 0.5, support_views: int = 0) -> None:
         self.folder = image_folder(root, class_list)
         transform = mocov2_transform(image_size, scale=scale, jitter=jitter, p_blur=p_blur)
-        self.dataset = _SeededFolder(self.folder, TwoCrops(transform), skip_corrupt)
+        self.dataset = _SeededFolder(self.folder, TwoCrops(transform, extra=support_views), skip_corrupt)
         self.skipped = 0  # undecodable files skipped by this process so far
         self.sharding, self.seed, self.num_workers = sharding, seed, num_workers
         self.device = torch.device(device)
@@ -194,11 +201,14 @@ class FolderViews:
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         try:
-            for q, k, ids, labels, skipped in loader:
+            for q, k, support, ids, labels, skipped in loader:
                 self._count(int(skipped.sum()))
-                yield {"view_q": q.to(self.device, non_blocking=True),
-                       "view_k": k.to(self.device, non_blocking=True),
-                       "ids": ids.to(self.device), "labels": labels.to(self.device)}
+                batch = {"view_q": q.to(self.device, non_blocking=True),
+                         "view_k": k.to(self.device, non_blocking=True),
+                         "ids": ids.to(self.device), "labels": labels.to(self.device)}
+                if support.dim() > 2:  # (B, S, C, H, W) -> (S, B, C, H, W)
+                    batch["view_support"] = support.transpose(0, 1).to(self.device, non_blocking=True)
+                yield batch
         except CorruptImageError as err:  # from a worker, its message wraps a traceback: keep the last line
             raise CorruptImageError(str(err).strip().splitlines()[-1].split("CorruptImageError: ", 1)[-1]) from err
 

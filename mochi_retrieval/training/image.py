@@ -40,11 +40,12 @@ def build_data(cfg: ExperimentConfig, accelerator):
         p_gray = 0.0 if d.augmentation == "mocov2_small_grey" else 0.2
         augment = BatchAugment(out_size=d.image_size, scale=d.crop_scale, jitter=d.jitter, p_blur=d.blur_prob,
                                mean=mean, std=std, p_gray=p_gray)
-        return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device)
+        return InMemoryViews(images, labels, sharding, augment, cfg.seed, accelerator.device,
+                             support_views=cfg.false_negatives.extra_views)
     classes = read_class_list(d.class_list) if d.class_list else None
     return FolderViews(f"{d.root}/train", sharding, cfg.seed, d.image_size, d.num_workers, classes,
                        accelerator.device, skip_corrupt=d.skip_corrupt_images, scale=d.crop_scale, jitter=d.jitter,
-                       p_blur=d.blur_prob)
+                       p_blur=d.blur_prob, support_views=cfg.false_negatives.extra_views)
 
 
 def item_labels(data) -> torch.Tensor:
@@ -68,7 +69,7 @@ def build_model(cfg: ExperimentConfig, batches_per_epoch: int, world: int,
         false_negative_clusters=cfg.moco.false_negative_clusters, cluster_every=cfg.moco.cluster_every,
         cluster_start_epoch=cfg.moco.cluster_start_epoch, momentum_schedule=cfg.moco.momentum_schedule,
         total_steps=cfg.train.epochs * batches_per_epoch,
-        seed=cfg.seed, bank_labels=bank_labels, bank=cfg.bank.settings())
+        seed=cfg.seed, bank_labels=bank_labels, bank=cfg.bank.settings(), false_negatives=cfg.false_negatives)
     if m.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world == 1 and m.shuffle_bn and not m.sync_bn and m.bn_splits == 1:

@@ -60,8 +60,11 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: model, data and method settings."""
     data = asdict(cfg.data)
     data.pop("skip_corrupt_images")  # turned on to get past a bad file, a run must still resume
-    return {"model": asdict(cfg.model), "data": data, "moco": asdict(cfg.moco),
-            "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+    found = {"model": asdict(cfg.model), "data": data, "moco": asdict(cfg.moco),
+             "mochi": asdict(cfg.mochi), "bank": asdict(cfg.bank), "batch_size": cfg.train.batch_size, "seed": cfg.seed}
+    if cfg.false_negatives.enabled:  # absent when off: checkpoints written before the section still resume
+        found["false_negatives"] = asdict(cfg.false_negatives)
+    return found
 
 
 def local_batch(cfg: ExperimentConfig) -> int:

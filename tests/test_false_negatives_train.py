@@ -1,0 +1,60 @@
+"""The false-negative options through the training program on tiny data: each runs and logs its monitors,
+and a run with one resumes to the uninterrupted run's losses."""
+import json
+
+import pytest
+import torch
+from test_train import CONFIG, losses, tiny_overrides
+
+from mochi_retrieval import train
+
+FAST = {"eval.linear_probe": "false", "false_negatives.start_epoch": 0, "false_negatives.top_k": 4,
+        "mochi.warmup_epochs": 0}
+
+
+@pytest.mark.parametrize("handling,extra", [
+    ("eliminate", {}),
+    ("attract", {"false_negatives.aggregate": "max", "false_negatives.support_with_key": "true"}),
+    ("nearest_positive", {"false_negatives.nearest": "join", "mochi.enabled": "false"}),
+    ("nearest_positive", {}),
+])
+def test_each_handling_trains_and_logs_its_monitors(tiny_fmnist_dir, tmp_path, handling, extra):
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_fmnist_dir, out, **FAST, **extra, **{
+        "false_negatives.handling": handling, "train.max_steps": 3})
+    assert train.main([str(CONFIG), *args]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "fn_flagged" in r]
+    assert len(logged) == 3
+    for r in logged:
+        assert r["fn_flagged"] == pytest.approx(1.0 if handling == "nearest_positive" else 4.0)
+        assert 0.0 <= r["fn_precision"] <= 1.0 and 0.0 <= r["fn_recall"] <= 1.0 and 0.0 < r["fn_mass"] < 1.0
+        assert ("fn_support_s" in r) == (handling != "nearest_positive")
+    if extra.get("mochi.enabled") != "false":
+        assert any("false_neg_synthetic_sources" in r for r in records), "MoCHi should be on"
+
+
+def test_resume_matches_uninterrupted_run_with_attraction(tiny_fmnist_dir, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    common = {**FAST, "false_negatives.handling": "attract", "false_negatives.start_epoch": 0.5,
+              "train.epochs": 2}
+    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, full, **common)]) == 0
+    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, cut, **common, **{"train.max_steps": 4})]) == 0
+    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, cut, **common)]) == 0
+    a, b = losses(full), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+    qa = torch.load(full / "checkpoints/last.pt", weights_only=True)["model"]["queue.keys"]
+    qb = torch.load(cut / "checkpoints/last.pt", weights_only=True)["model"]["queue.keys"]
+    torch.testing.assert_close(qa, qb, rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_without_the_option_is_refused_with_it(tiny_fmnist_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = {**FAST, "train.max_steps": 2}
+    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, out, **base)]) == 0
+    args = tiny_overrides(tiny_fmnist_dir, out, **{**base, "false_negatives.handling": "eliminate",
+                                                    "train.max_steps": 3})
+    assert train.main([str(CONFIG), *args]) != 0
+    assert "another configuration" in capsys.readouterr().err
