@@ -2,9 +2,9 @@
 writes, the recall monitor and the errors for bad strings."""
 import pytest
 import torch
+from test_bank_shard import clustered
 
 from mochi_retrieval.bank import BankSettings, FaissNegativeBank
-from test_bank_shard import clustered
 
 pytest.importorskip("faiss")
 
@@ -60,5 +60,6 @@ def test_bad_index_strings_and_settings_are_clear_errors():
     with pytest.raises(ValueError, match="index"):
         BankSettings(index="HNSW32", backend="torch")
     bank = FaissNegativeBank("faiss", "cpu", index="IVF256,Flat")
-    with pytest.raises(ValueError, match="'IVF256,Flat' needs at least 256 rows to train; this bank \\(shard\\) holds 100"):
+    with pytest.raises(ValueError, match=r"'IVF256,Flat' needs at least 256 rows to train; this bank \(shard\) "
+                                         r"holds 100"):
         bank.refresh(clustered(100, 16, 0))

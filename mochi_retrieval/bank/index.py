@@ -29,11 +29,16 @@ def check_index_spec(spec: str, search_params: str | None = None) -> None:
     if spec == "Flat" and not search_params:
         return
     faiss = import_faiss()
-    try:
-        index = faiss.index_factory(8 if "PQ" not in spec else 64, spec, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
+    index, error = None, None
+    for dim in (384, 768, 1024, 960, 512, 256, 128, 64):  # PQ / SQ codes need a dimension they divide
+        try:
+            index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+            break
+        except RuntimeError as err:
+            error = err
+    if index is None:
         raise ValueError(f"bank.index={spec!r} is not a FAISS index_factory string FAISS can build "
-                         f"({_first_line(err)})") from None
+                         f"({_first_line(error)})")
     if search_params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, search_params)
@@ -129,7 +134,11 @@ class BankIndex:
         faiss = import_faiss()
         x = embeddings.detach().cpu().contiguous().numpy()
         n, dim = x.shape
-        index = faiss.index_factory(dim, self.spec, faiss.METRIC_INNER_PRODUCT)
+        try:
+            index = faiss.index_factory(dim, self.spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            raise ValueError(f"bank.index={self.spec!r} cannot index {dim}-dimensional rows "
+                             f"({_first_line(err)})") from None
         if not index.is_trained:
             need = _training_rows(faiss, index)
             if n < need:

@@ -132,7 +132,7 @@ class FaissNegativeBank:
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, ids: Tensor | None = None, text_group: Tensor | None = None, *,
-                step: int = NEVER, _normalized: bool = False) -> None:
+                step: int = NEVER, normalized: bool = False) -> None:
         """Replace the whole corpus and rebuild the index.
 
         Sharded, every process calls it with the rows it holds, ``embeddings[r]`` = row ``rank + r * W``.
@@ -146,6 +146,8 @@ class FaissNegativeBank:
                 no group); None keeps the current groups if they still have
                 N rows, else drops them.
             step: the step the embeddings were computed at (staleness); -1 = not by the model.
+            normalized: the rows are unit float32 already: kept as given (no copy; a 10M-row bank cannot
+                afford a second one).
         """
         start = time.perf_counter()
         world, rank = self.layout()
@@ -156,7 +158,7 @@ class FaissNegativeBank:
                 raise ValueError(f"sharded bank: the processes hold {total} rows between them but ids has "
                                  f"{ids.numel()}")
             layout = (world, rank, total)
-        self.rows.replace(embeddings, ids, text_group, step, normalized=_normalized, layout=layout)
+        self.rows.replace(embeddings, ids, text_group, step, normalized=normalized, layout=layout)
         self.index.reset()
         self._measure_recall()
         self.last_refresh_seconds = time.perf_counter() - start
@@ -387,7 +389,7 @@ class FaissNegativeBank:
         self.rows.groups = None
         ids, groups = state["ids"], state["text_group"]
         self.refresh(state["embeddings"], ids if ids.numel() else None, groups if groups.numel() else None,
-                     _normalized=True)  # stored rows are unit already: keep them bit for bit
+                     normalized=True)  # stored rows are unit already: keep them bit for bit
         if "stamps" in state and state["stamps"].shape == self.rows.stamps.shape:
             self.rows.stamps = state["stamps"].clone()
 
