@@ -199,11 +199,15 @@ class ContrastiveCore(nn.Module):
 
     def replicated_state(self) -> dict[str, Tensor]:
         """State every process must hold identically: the buffers of the queue and of the other persistent
-        sources that are modules (and, for text, the bank's embeddings, unless it is sharded)."""
+        sources that are modules (and, for text, the bank's embeddings; sharded, its id and group tables)."""
         state = {f"{name}.{n}": b for name, m in self._memories.items() if isinstance(m, nn.Module)
                  for n, b in m.named_buffers()}
         if self.replicate_bank and self.bank is not None and len(self.bank) and not self.bank.shard:
             state["bank.embeddings"] = self.bank.embeddings
+        elif self.bank is not None and self.bank.sharded:  # the tables every shard resolves ids with
+            state.update({f"bank.{name}": t for name, t in (("ids", self.bank.ids), ("text_group",
+                                                                                      self.bank.text_group))
+                          if t is not None})
         return state
 
     def bank_shard_state(self) -> dict[str, Tensor]:

@@ -173,7 +173,7 @@ def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
     Compares a float64 checksum (sum and position-weighted sum) of each tensor
     across ranks: state that every rank must hold identically, such as the queue.
     """
-    if world_size(group) == 1:
+    if world_size(group) == 1 or not tensors:
         return []
     names = sorted(tensors)
     sums = []

@@ -155,3 +155,53 @@ def test_one_process_shard_is_the_whole_bank_and_checks_the_layout():
         part.load_state_dict({**state, "layout": torch.tensor([2, N])})
     with pytest.raises(ValueError, match="bank.shard=false"):
         whole.load_state_dict(state)
+
+
+def test_two_process_sharded_text_run_resumed_equals_the_replicated_run(tiny_text_model_dir, tmp_path):
+    """accelerate (gloo), 2 processes, 4 steps: the replicated bank uninterrupted against the sharded bank
+    stopped after step 2 and resumed from its checkpoint (one file of rows per process): the same losses.
+    Resuming that checkpoint with 1 process is a clear error. (Four launches: slower than the rest.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_text_train import CONFIG, make_tiny_beir, text_overrides
+
+    beir = make_tiny_beir(tmp_path / "beir")
+    config = json.loads((tiny_text_model_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same maths on every process
+    (tiny_text_model_dir / "config.json").write_text(json.dumps(config))
+    common = {"mochi.enabled": "false", "bank.mined_negatives": 1, "bank.max_pos_ratio": "null",
+              "bank.max_staleness": 3, "bank.update_with_mined": "true", "train.checkpoint_every_steps": 1,
+              "train.batch_size": 8, "train.max_steps": 4, "train.epochs": 2, "train.optimizer": "sgd",
+              "moco.queue_size": 0,
+              "train.lr": 0.5, "train.warmup_epochs": 0, "train.schedule": "constant"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def launch(procs, out, **extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *(["--multi_gpu"] if procs > 1 else []), "-m", "mochi_retrieval.train", str(CONFIG),
+               *text_overrides(tiny_text_model_dir, beir, out, **{**common, **extra})]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    proc = launch(2, whole)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch(2, part, **{"bank.shard": "true", "train.max_steps": 2})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    def shard_files():
+        return sorted(p.name for p in (part / "checkpoints").glob("*.bank-*"))
+
+    assert shard_files() == [f"step-0000000{s}.bank-{r}-of-2.pt" for s in (1, 2) for r in (0, 1)]  # keep 2
+    proc = launch(2, part, **{"bank.shard": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    assert losses(part) == losses(whole) and len(losses(whole)) == 4
+    assert shard_files() == [f"step-0000000{s}.bank-{r}-of-2.pt" for s in (3, 4) for r in (0, 1)]  # old ones go
+    proc = launch(1, part, **{"bank.shard": "true", "train.max_steps": 6})
+    assert proc.returncode != 0 and "sharded over 2 process(es) but this run has 1" in proc.stderr
