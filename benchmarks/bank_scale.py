@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_write:
         append_results(f"Bank at scale: {a.vectors:,} x {a.dim}, 1 and {a.processes} processes",
                        f"{table}\n\n{verdict}. Clustered synthetic unit vectors (spread {a.spread}); "
-                       f"search medians of {a.repeats}; wall {wall:.0f} s.")
+                       f"search medians of {a.repeats}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; "
+                       f"wall {wall:.0f} s.")
     return 0 if ok or not a.check_exact else 1
 
 
