@@ -10,8 +10,9 @@ which
 2. computes InfoNCE over the union of the blocks, with MoCHi's synthetic negatives once it is active; under
    the ``query_only`` gradient rule with a shared encoder, detached blocks (and MoCHi) score the query only
    and the gradient-carrying blocks alone score the documents;
-3. writes the step's keys into the persistent sources (the queue, and any registered with
-   :meth:`ContrastiveCore.add_negative_source`) and the bank.
+3. writes the step's keys into the persistent sources (the queue, the bank's
+   :class:`~mochi_retrieval.bank.BankSource`, and any registered with
+   :meth:`ContrastiveCore.add_negative_source`).
 
 A new source that lives across steps (a cross-batch memory, a fixed set of given negatives) is one class
 implementing :class:`~mochi_retrieval.negatives.NegativeSource`, registered on a model with
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, mixing
-from .bank import BankSettings, FaissNegativeBank
+from .bank import BankSettings, BankSource, FaissNegativeBank
 from .clusters import same_cluster_mask, spherical_kmeans
 from .encoders import cosine_momentum, momentum_update
 from .errors import require
@@ -126,8 +127,8 @@ class ContrastiveCore(nn.Module):
         self.replicate_bank = False
         self._generator: torch.Generator | None = None
         self._memories: dict[str, NegativeSource] = {}  # persistent sources, in block order
+        self.bank_source: BankSource | None = None  # the bank's search rules (a persistent source, "bank")
         self.cluster_masked: Tensor | None = None  # (B, M) last step's cluster mask (a monitor's input)
-        self.bank_stamp = -1  # the step written into the bank's staleness stamps with the step's keys
         # The bank's rows travel in the state dict as plain tensors under "bank.*" (when there is a bank), so a
         # resumed run neither loses nor redoes them; a state without them loads as "no bank saved".
         self.register_state_dict_post_hook(_save_bank)
@@ -154,7 +155,17 @@ class ContrastiveCore(nn.Module):
                 mined = f" + mined_negatives={bank.mined_negatives}" if bank.mined_negatives else ""
                 raise ValueError(f"bank.candidates={bank.candidates}{mined} (+ skip_top={bank.skip_top}) is more "
                                  f"than the {self._bank_items_name} holds ({bank_items} {self._bank_item_unit})")
-            self.bank = FaissNegativeBank(bank.backend, bank.device, drift_correction=bank.drift_correction)
+            self.bank = FaissNegativeBank(bank.backend, bank.device, index=bank.index,
+                                          search_params=bank.search_params, shard=bank.shard,
+                                          drift_correction=bank.drift_correction,
+                                          recall_queries=bank.recall_queries,
+                                          recall_k=max(1, bank.candidates + bank.mined_negatives))
+
+    def _use_bank(self, source: BankSource) -> None:
+        """Register the bank's source (its search rules, set by the adapter) right after the queue: its block
+        follows the queue's and it takes the step's keys like any persistent source."""
+        self.bank_source = source
+        self._memories["bank"] = source
 
     _bank_items_name, _bank_item_unit = "corpus", "documents"
 
@@ -193,12 +204,43 @@ class ContrastiveCore(nn.Module):
 
     def replicated_state(self) -> dict[str, Tensor]:
         """State every process must hold identically: the buffers of the queue and of the other persistent
-        sources that are modules (and, for text, the bank's embeddings)."""
+        sources that are modules (and, for text, the bank's embeddings; sharded, its id and group tables)."""
         state = {f"{name}.{n}": b for name, m in self._memories.items() if isinstance(m, nn.Module)
                  for n, b in m.named_buffers()}
-        if self.replicate_bank and self.bank is not None and len(self.bank):
+        if self.replicate_bank and self.bank is not None and len(self.bank) and not self.bank.shard:
             state["bank.embeddings"] = self.bank.embeddings
+        elif self.bank is not None and self.bank.sharded:  # the tables every shard resolves ids with
+            state.update({f"bank.{name}": t for name, t in (("ids", self.bank.ids), ("text_group",
+                                                                                      self.bank.text_group))
+                          if t is not None})
         return state
+
+    def bank_shard_state(self) -> dict[str, Tensor]:
+        """This process's rows of a bank sharded over several processes (embeddings, stamps, and ``layout`` =
+        (W, rank, N)), to be saved in a file of its own next to the checkpoint; {} otherwise."""
+        if self.bank is None or not self.bank.sharded:
+            return {}
+        rows = self.bank.rows
+        return {"embeddings": rows.embeddings.cpu(), "stamps": rows.stamps.clone(),
+                "layout": torch.tensor([rows.world, rows.rank, len(rows)], dtype=torch.long)}
+
+    @property
+    def bank_shard_pending(self) -> bool:
+        """Whether a loaded state holds a sharded bank whose rows :meth:`load_bank_shard` must still bring."""
+        return getattr(self, "_pending_bank", None) is not None
+
+    def load_bank_shard(self, part: dict[str, Tensor]) -> None:
+        """Complete a sharded bank's load with this process's :meth:`bank_shard_state` (after ``load_state_dict``)."""
+        pending = getattr(self, "_pending_bank", None)
+        if pending is None:
+            raise RuntimeError("load_bank_shard: load the model's state (with its sharded bank) first")
+        world, rank = self.bank.layout()
+        saved = part["layout"].tolist()
+        if saved[:2] != [world, rank] or saved[2] != int(pending["layout"][1]):
+            raise ValueError(f"bank shard of process {saved[1]} of {saved[0]} ({saved[2]} rows) given to process "
+                             f"{rank} of {world} (bank of {int(pending['layout'][1])} rows)")
+        self._pending_bank = None
+        self.bank.load_state_dict({**pending, "embeddings": part["embeddings"], "stamps": part["stamps"]})
 
     @staticmethod
     def _diverged(q: Tensor) -> dict[str, Tensor] | None:
@@ -211,7 +253,8 @@ class ContrastiveCore(nn.Module):
 
     def _memory_sources(self, query: Query) -> list[Source]:
         """This step's blocks of the persistent sources (the queue first), built before any key is written."""
-        return [memory.source(query, name) for name, memory in self._memories.items()]
+        blocks = [memory.source(query, name) for name, memory in self._memories.items()]
+        return [b for b in blocks if b.width]  # a bank of mined negatives only has an empty stored block
 
     # ------------------------------------------------------------------ step
     def contrastive_step(self, q: Tensor, k: Tensor, sources: Sequence[Source], *, ids: Tensor | None,
@@ -329,35 +372,41 @@ class ContrastiveCore(nn.Module):
 
     @torch.no_grad()
     def write_keys(self, k: Tensor, ids: Tensor | None, groups: Tensor | None) -> None:
-        """Give the step's keys (B, D) to the persistent sources (the queue: enqueue) and write them into the
-        bank rows of their ids (every process's)."""
+        """Give the step's keys (B, D) to the persistent sources (the queue: enqueue; the bank: write them into
+        the rows of their ids)."""
         for memory in self._memories.values():
             memory.add(k, ids=ids, labels=groups)
-        if self.bank is not None and self.bank_settings.update_with_keys and len(self.bank):
-            all_k, all_ids = distributed.all_gather_cat(k), distributed.all_gather_cat(ids)
-            known = self.bank.contains(all_ids)
-            if known.any():
-                self.bank.update(all_ids.cpu()[known], all_k.cpu()[known], step=self.bank_stamp)
 
 
 BANK_STATE = "bank."  # state-dict prefix of the bank's rows
 
 
 def _save_bank(module: ContrastiveCore, state_dict: dict, prefix: str, local_metadata) -> None:
-    """State-dict hook: the bank's rows (embeddings, ids, groups, staleness stamps), tensors only."""
+    """State-dict hook: the bank's rows (embeddings, ids, groups, staleness stamps), tensors only. A bank
+    sharded over several processes keeps its tables and layout here; each process's rows go to its own file
+    (:meth:`ContrastiveCore.bank_shard_state`)."""
     if module.bank is not None and len(module.bank):
-        for key, value in module.bank.state_dict().items():
+        state = module.bank.state_dict()
+        if module.bank.sharded:
+            state = {key: state[key] for key in ("ids", "text_group", "layout")}
+        for key, value in state.items():
             state_dict[prefix + BANK_STATE + key] = value
 
 
 def _load_bank(module: ContrastiveCore, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: take the bank's rows out of ``state_dict`` (a copy) into the bank."""
+    """Load-state-dict pre-hook: take the bank's rows out of ``state_dict`` (a copy) into the bank; a bank
+    sharded over several processes waits for this process's rows (:meth:`ContrastiveCore.load_bank_shard`)."""
     keys = [k for k in state_dict if k.startswith(prefix + BANK_STATE)]
     if not keys:
         return
     if module.bank is None:
         raise ValueError("the checkpoint holds a bank but this model has none (bank.enabled differs)")
-    module.bank.load_state_dict({k[len(prefix + BANK_STATE):]: state_dict.pop(k) for k in keys})
+    state = {k[len(prefix + BANK_STATE):]: state_dict.pop(k) for k in keys}
+    module.bank.check_layout(state)
+    if "embeddings" in state:
+        module.bank.load_state_dict(state)
+    else:
+        module._pending_bank = state
 
 
 def no_ids(batch: int, device: torch.device) -> Tensor:

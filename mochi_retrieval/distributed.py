@@ -173,7 +173,7 @@ def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
     Compares a float64 checksum (sum and position-weighted sum) of each tensor
     across ranks: state that every rank must hold identically, such as the queue.
     """
-    if world_size(group) == 1:
+    if world_size(group) == 1 or not tensors:
         return []
     names = sorted(tensors)
     sums = []
@@ -186,3 +186,52 @@ def replicas_agree(tensors: dict[str, torch.Tensor], group=None) -> list[str]:
     gathered = all_gather_cat(local.unsqueeze(0), group)  # (world, n_tensors, 2)
     differs = (gathered != gathered[:1]).any(dim=2).any(dim=0)
     return [name for name, bad in zip(names, differs.tolist()) if bad]
+
+
+@torch.no_grad()
+def all_gather_padded(x: torch.Tensor, fill: float | int, group=None) -> tuple[torch.Tensor, list[int]]:
+    """Concatenate 2-D tensors of every rank along dim 0, each padded along dim 1 to the widest with ``fill``.
+
+    Args:
+        x: (n_r, m_r) this rank's rows (ranks may differ in both sizes).
+    Returns:
+        (sum_r n_r, max_r m_r) rows of rank 0, then rank 1, ..., and the list of n_r (rank order).
+    """
+    n = world_size(group)
+    if n == 1:
+        return x, [x.shape[0]]
+    device, home = collective_device(group), x.device
+    shapes = torch.tensor([[x.shape[0], x.shape[1]]], dtype=torch.long, device=device)
+    out = [torch.empty_like(shapes) for _ in range(n)]
+    dist.all_gather(out, shapes, group=group)
+    sizes = [int(s[0, 0]) for s in out]
+    rows, width = max(sizes), max(int(s[0, 1]) for s in out)
+    padded = torch.full((rows, width), fill, dtype=x.dtype, device=device)
+    padded[: x.shape[0], : x.shape[1]] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in range(n)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(home), sizes
+
+
+@torch.no_grad()
+def all_gather_stack(x: torch.Tensor, group=None) -> torch.Tensor:
+    """(W, ...) ``x`` of every rank stacked in rank order; every rank passes the same shape (one collective)."""
+    if world_size(group) == 1:
+        return x.unsqueeze(0)
+    device = collective_device(group)
+    parts = [torch.empty_like(x, device=device) for _ in range(world_size(group))]
+    dist.all_gather(parts, x.contiguous().to(device), group=group)
+    return torch.stack(parts).to(x.device)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The element-wise sum of ``x`` over ranks (a new tensor on ``x``'s device); ``x`` itself in one process.
+
+    Exact for tensors that only one rank fills at each position (the others hold zeros): a sharded bank's
+    rows, each owned by one process."""
+    if world_size(group) == 1:
+        return x
+    y = x.to(collective_device(group)).clone()
+    dist.all_reduce(y, group=group)
+    return y.to(x.device)

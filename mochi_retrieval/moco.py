@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .bank import BankSettings
+from .bank import BankSettings, BankSource
 from .core import ContrastiveCore, MoCoConfig, no_ids
 from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
 from .encoders.split_bn import convert_split_batchnorm
 from .false_negatives import FalseNegativeConfig, detector_monitors
 from .loss import MoCHiConfig
-from .negatives import NO_ID, Query, Source
+from .negatives import NO_ID, Query
 
 
 class MoCo(ContrastiveCore):
@@ -130,6 +130,9 @@ class MoCo(ContrastiveCore):
             g = torch.Generator().manual_seed(seed)
             init = torch.randn(bank_labels.numel(), head_out_dim, generator=g)
             self.bank.refresh(init, text_group=bank_labels.detach().cpu().long())
+            # Each query's bank candidates (B, c, D): its own item excluded (and its class under mask_same_label).
+            self._use_bank(BankSource(self.bank, self.bank_settings, exclusion="own",
+                                      exclude_text_dupes=mask_same_label))
 
     _bank_items_name, _bank_item_unit = "training set", "items in bank_labels"
 
@@ -223,10 +226,8 @@ class MoCo(ContrastiveCore):
         same_instance = self.mask_same_instance and ids is not None
         same_label = self.mask_same_label and labels is not None
         query = Query(q.detach(), ids.view(-1, 1) if same_instance else no_ids(b, q.device),
-                      labels.view(-1, 1) if same_label else no_ids(b, q.device))
+                      labels.view(-1, 1) if same_label else no_ids(b, q.device), ids=ids)
         sources = self._memory_sources(query)
-        if self.bank is not None:
-            sources.append(self._bank_source(q, ids))
         # Labels of the entries the logits were computed against, for diagnostics (before the keys are written).
         queue_labels = sources[0].groups if len(sources) == 1 else torch.cat(  # the queue block holds a copy
             [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
@@ -273,19 +274,6 @@ class MoCo(ContrastiveCore):
         views = [self.encode_keys(v, step, stream=2 + i) for i, v in enumerate(view_support[: fn.support_views])]
         sync()
         return torch.stack(views), time.perf_counter() - start
-
-    def _bank_source(self, q: torch.Tensor, ids: torch.Tensor | None) -> Source:
-        """Each query's bank candidates (B, c, D): its own item excluded (and its class under
-        ``mask_same_label``), so their mask is empty."""
-        if ids is None:
-            raise ValueError("a bank needs the instance ids of the batch (ids=...)")
-        s = self.bank_settings
-        cand_ids, vectors = self.bank.candidates(
-            q.detach(), s.candidates, exclude=ids.view(-1, 1), exclude_text_dupes=self.mask_same_label,
-            skip_top=s.skip_top, max_similarity=s.max_similarity)
-        cand_ids = cand_ids.to(q.device)
-        groups = self.bank.text_group.to(q.device)[cand_ids]
-        return Source("bank", vectors.to(q.device), cand_ids, groups, False, cand_ids < 0)
 
 
 def cluster_monitors(masked: torch.Tensor, labels: torch.Tensor | None,

@@ -71,11 +71,15 @@ class Query:
         q: (B, D) unit queries, detached.
         exclude: (B, E) ids that are positives for each query (its own first), -1 padded.
         exclude_groups: (B, E) their groups, -1 where unknown or not to be masked.
+        ids: (B,) id of each query's own positive (this process's), or None.
+        k: (B, D) unit positives, detached, or None (for positive-aware rules, e.g. a ceiling of r x q.k).
     """
 
     q: Tensor
     exclude: Tensor
     exclude_groups: Tensor
+    ids: Tensor | None = None
+    k: Tensor | None = None
 
 
 @runtime_checkable

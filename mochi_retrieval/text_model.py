@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .bank import BankCorpus, BankSettings, RefreshPolicy
+from .bank import BankCorpus, BankSettings, BankSource, RefreshPolicy
 from .bank import cache as bank_cache
 from .bank.refresh import shard
 from .core import ContrastiveCore, Gradient, MoCoConfig
@@ -132,6 +132,13 @@ class TextMoCo(ContrastiveCore):
         self.shared = key_encoder == "shared"
         self._init_negatives(queue_size, dim, bank, 0 if bank_corpus is None else len(bank_corpus.texts))
         self.replicate_bank = True
+        if bank is not None:
+            # One search per step: the first n candidates are re-encoded (mined), the next c are stored vectors.
+            # The positive-aware ceilings (bank.max_pos_ratio, and max_neg_pos_ratio, so that no mined document
+            # is re-encoded only to be masked) apply to it; a query may be left short of n + c (-1 slots).
+            ratios = [r for r in (bank.max_pos_ratio, max_neg_pos_ratio) if r is not None]
+            self._use_bank(BankSource(self.bank, bank, groups=self._groups_of, exclusion_groups=self._bank_exclusion,
+                                      pos_ratio=min(ratios) if ratios else None, allow_fewer=True))
         groups = doc_groups.detach().to(torch.long).reshape(-1).clone()
         self.register_buffer("doc_groups", groups)
         families = groups if doc_families is None else doc_families.detach().to(torch.long).reshape(-1).clone()
@@ -195,19 +202,23 @@ class TextMoCo(ContrastiveCore):
     def refresh_bank(self, step: int | None = None, progress: bool = False) -> float:
         """Re-embed all of the bank's documents with the key encoder (eval mode); returns the seconds it took.
 
-        Each process embeds a 1/W slice and the slices are gathered, so every
-        process holds the same bank.
+        Each process embeds a 1/W slice and the slices are gathered, so every process holds the same bank;
+        with ``bank.shard`` each process embeds and keeps only the rows it holds (rows ``rank::W``).
         """
         start = time.perf_counter()
         kind = "initial" if len(self.bank) == 0 else "full"
+        world, rank = self.bank.layout()
         texts = list(self.bank_corpus.texts)
+        held = list(range(rank, len(texts), world))  # every row unsharded
         cached, key = None, None
         if kind == "initial" and self.bank_settings.cache_dir:
             key = bank_cache.cache_key(self._key_net(), texts, self._encoding_settings())
-            cached = bank_cache.load(self.bank_settings.cache_dir, key, len(texts))
+            key = key if world == 1 else f"{key}-shard{rank}of{world}"
+            cached = bank_cache.load(self.bank_settings.cache_dir, key, len(held))
         emb = cached if cached is not None else self._embed(
-            texts, progress=progress or (kind == "initial" and len(texts) > 10_000), desc=f"bank {kind} pass")
-        if key is not None and cached is None and distributed.rank() == 0:
+            [texts[i] for i in held], progress=progress or (kind == "initial" and len(texts) > 10_000),
+            desc=f"bank {kind} pass", gather=world == 1)
+        if key is not None and cached is None and (world > 1 or distributed.rank() == 0):
             bank_cache.save(self.bank_settings.cache_dir, key, emb)
         table = self.doc_families if self.bank_settings.exclude_family else self.doc_groups
         ids = self.bank_corpus.ids
@@ -230,22 +241,29 @@ class TextMoCo(ContrastiveCore):
 
     @torch.no_grad()
     def _refresh_rows(self, rows: Tensor, step: int) -> float:
-        """Re-embed the bank rows ``rows`` (m,) (a rolling slice), written at ``step``."""
+        """Re-embed the bank rows ``rows`` (m,) (a rolling slice), written at ``step``; a sharded bank's
+        process re-embeds those it holds."""
         start = time.perf_counter()
+        world, rank = self.bank.layout()
+        if world > 1:
+            rows = rows[rows % world == rank]
         texts = [self.bank_corpus.texts[r] for r in rows.tolist()]
-        emb = self._embed(texts, progress=False, desc="bank rolling refresh")
+        emb = self._embed(texts, progress=False, desc="bank rolling refresh", gather=world == 1)
         self.bank.update(self.bank_corpus.ids[rows], emb, step=step, measure_drift=True)
         seconds = time.perf_counter() - start
         self.bank_seconds["rolling"] += seconds
         return seconds
 
-    def _embed(self, texts: list[str], progress: bool, desc: str) -> Tensor:
+    def _embed(self, texts: list[str], progress: bool, desc: str, gather: bool = True) -> Tensor:
         """(len(texts), D) unit embeddings by the key network in eval mode, each process embedding its share
-        (possibly none) and the shares gathered in rank order."""
+        (possibly none) and the shares gathered in rank order; ``gather=False``: this process embeds all of
+        ``texts`` (a shard's own rows)."""
         net = self._key_net()
         device = self.doc_groups.device
         tokenize = self.query_encoder.tokenize
-        index = shard(torch.arange(len(texts)), distributed.world_size(), distributed.rank())
+        index = torch.arange(len(texts))
+        if gather:
+            index = shard(index, distributed.world_size(), distributed.rank())
         mine = [texts[i] for i in index.tolist()]
         emb = torch.empty(0, encoder_output_dim(self.query_encoder))
         if mine:
@@ -253,7 +271,7 @@ class TextMoCo(ContrastiveCore):
                 emb = encode_in_batches(
                     lambda batch: net({k: v.to(device) for k, v in tokenize(batch).items()}).float(),
                     mine, self.bank_settings.encode_batch_size, desc, progress and distributed.rank() == 0)
-        return distributed.all_gather_cat(emb.to(device))
+        return distributed.all_gather_cat(emb.to(device)) if gather else emb.to(device)
 
     @torch.no_grad()
     def _bank_monitors(self, step: int | None) -> dict[str, Tensor]:
@@ -269,10 +287,11 @@ class TextMoCo(ContrastiveCore):
         shift = self.bank.last_drift_shift
         if shift is not None and (self.bank.last_rows >= 0).any():  # the drift correction's score lift
             stats["bank_drift_shift"] = shift[self.bank.last_rows >= 0].mean()
-        stamps = self.bank.stamps
-        embedded = stamps[stamps >= 0]
-        if embedded.numel():  # the whole bank's mean age: served rows younger than this are favoured by drift
-            stats["bank_age_mean"] = (step - embedded).float().mean()
+        age_mean = self.bank.mean_age(step)
+        if age_mean is not None:  # the whole bank's mean age: served rows younger than this are favoured by drift
+            stats["bank_age_mean"] = age_mean
+        if self.bank.last_recall is not None:
+            stats["bank_index_recall"] = torch.tensor(self.bank.last_recall)
         if self._clock is not None:
             wall = time.perf_counter() - self._clock
             spent = self.bank_seconds["full"] + self.bank_seconds["rolling"]
@@ -284,6 +303,10 @@ class TextMoCo(ContrastiveCore):
         """Rows of a per-doc table at doc ids (any shape), -1 where the id is -1."""
         ids = ids.to(table.device)
         return torch.where(ids >= 0, table[ids.clamp(min=0)], NO_ID)
+
+    def _bank_exclusion(self, ids: Tensor) -> Tensor:
+        """Groups the bank excludes for doc ids (B, E): families under ``bank.exclude_family``, else groups."""
+        return self._lookup(self.doc_families if self.bank_settings.exclude_family else self.doc_groups, ids)
 
     def _groups_of(self, ids: Tensor) -> Tensor:
         """Groups of doc ids (any shape), -1 where the id is -1."""
@@ -327,7 +350,8 @@ class TextMoCo(ContrastiveCore):
         update = None if step is None else step // self.steps_per_update
         if step is None or step % self.steps_per_update == 0:
             self.maintain_bank(update)
-        self.bank_stamp = -1 if update is None else update
+        if self.bank_source is not None:
+            self.bank_source.stamp = -1 if update is None else update
         cache = GradCache(self.grad_cache_chunk)
         exclude = ids.view(-1, 1) if exclude is None else exclude
         exclude_groups = self._groups_of(exclude)
@@ -362,7 +386,8 @@ class TextMoCo(ContrastiveCore):
         if self.in_batch:
             keys, key_ids, key_groups = self._in_batch(k, ids, negatives, cache)
             shared("in_batch", keys, key_ids, key_groups, self.shared)
-        mined_ids, bank_ids, bank_vectors = self._mine(q, k, ids, exclude)
+        query = Query(q.detach(), exclude, exclude_groups, ids=ids, k=k.detach())
+        mined_ids = None if self.bank_source is None else self.bank_source.mine(query)  # the step's one search
         if mined_ids is not None:
             flat = mined_ids.reshape(-1)
             texts = [self.bank_corpus_text(int(i)) for i in flat.tolist()]
@@ -370,11 +395,7 @@ class TextMoCo(ContrastiveCore):
             vecs = self._gather(self._docs(tokens, cache))
             flat = distributed.all_gather_cat(flat.to(device))
             shared("mined", vecs, flat, self._groups_of(flat), self.shared)
-        sources += self._memory_sources(Query(q.detach(), exclude, exclude_groups))
-        if bank_vectors is not None:  # the bank excluded the query's positives; -1 = empty slot
-            sources.append(Source("bank", bank_vectors.to(device), bank_ids.to(device),
-                                  self._groups_of(bank_ids), False, (bank_ids < 0).to(device)))
-        return sources
+        return sources + self._memory_sources(query)  # the queue, then the bank's stored vectors (same search)
 
     @torch.no_grad()
     def _write_back_mined(self, sources: list[Source]) -> None:
@@ -384,42 +405,11 @@ class TextMoCo(ContrastiveCore):
             return
         for s in sources:
             if s.name == "mined":
-                known = self.bank.contains(s.ids)
-                if known.any():
-                    self.bank.update(s.ids.cpu()[known], s.vectors.detach().cpu()[known], step=self.bank_stamp)
+                self.bank_source.write(s.ids, s.vectors)
 
     def bank_corpus_text(self, doc_id: int) -> str:
         """The (prefixed) text of a bank document by doc id."""
         return self._text_of[doc_id]
-
-    def _mine(self, q: Tensor, k: Tensor, ids: Tensor,
-              exclude: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """One bank search per step: (B, n) ids to re-encode, then (B, c) ids and (B, c, D) detached vectors.
-
-        Mining excludes the query's positives and (for the re-encoded part) the
-        batch's documents, which are negatives already. The positive-aware
-        ceilings (``bank.max_pos_ratio``, and ``max_neg_pos_ratio``, so that no
-        mined document is re-encoded only to be masked) apply here.
-        """
-        if self.bank is None:
-            return None, None, None
-        s = self.bank_settings
-        n, c = s.mined_negatives, s.candidates
-        batch_ids = distributed.all_gather_cat(ids)
-        excl = torch.cat([exclude, batch_ids.view(1, -1).expand(q.shape[0], -1)], dim=1) if n else exclude
-        ceiling = s.max_similarity
-        ratios = [r for r in (s.max_pos_ratio, self.max_neg_pos_ratio) if r is not None]
-        if ratios:
-            relative = min(ratios) * (q * k).sum(1).detach()
-            ceiling = relative if ceiling is None else relative.clamp(max=ceiling)
-        # A query may have fewer documents left under its ceiling than n + c: -1 pads its slots.
-        key = self.doc_families if s.exclude_family else self.doc_groups
-        found, vectors = self.bank.candidates(q.detach(), n + c, exclude=excl, exclude_groups=self._lookup(key, excl),
-                                              skip_top=s.skip_top, max_similarity=ceiling, allow_fewer=True)
-        # A mined slot left empty holds the query's own positive: masked for it (false negative) and, as a
-        # duplicate of an in-batch document, for every other query. The batch keeps a fixed shape.
-        mined = torch.where(found[:, :n] >= 0, found[:, :n], ids.view(-1, 1).to(found.device)) if n else None
-        return mined, (found[:, n:] if c else None), (vectors[:, n:] if c else None)
 
     def _gather(self, keys: Tensor) -> Tensor:
         """Keys of every process; differentiable across processes when they carry gradient."""

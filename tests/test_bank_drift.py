@@ -133,3 +133,14 @@ def test_a_text_model_with_the_rolling_refresh_measures_and_reports_the_drift():
     assert float(model.bank.drift.current.norm()) > 0  # measured on the slices before steps 1..3
     assert "bank_drift_shift" in outs[-1]["monitors"]
     assert torch.isfinite(outs[-1]["monitors"]["bank_drift_shift"])
+
+
+def test_the_correction_refuses_indexes_it_cannot_rebuild_cheaply():
+    from mochi_retrieval.bank import BankSettings
+
+    with pytest.raises(ValueError, match="drift_correction"):
+        BankSettings(drift_correction=True, shard=True)
+    with pytest.raises(ValueError, match="drift_correction"):
+        BankSettings(drift_correction=True, index="IVF16,Flat")
+    with pytest.raises(ValueError, match="drift_correction"):
+        FaissNegativeBank("faiss", "cpu", index="IVF16,Flat", drift_correction=True)

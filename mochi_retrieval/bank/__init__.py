@@ -6,12 +6,14 @@
 - :mod:`.select`: candidate selection, a pure function of scores, exclusions, ceiling and rank window;
 - :mod:`.refresh`: when rows are re-embedded (initial pass, full refresh, rolling slices);
 - :mod:`.corpus`: the documents a text bank indexes;
-- :mod:`.store`: :class:`FaissNegativeBank`, the bank itself.
+- :mod:`.store`: :class:`FaissNegativeBank`, the bank itself;
+- :mod:`.source`: :class:`BankSource`, the bank as a negative source (one search per step, key writes).
 """
 from .corpus import BankCorpus
 from .refresh import RefreshPolicy
 from .select import select_candidates
 from .settings import BankSettings
+from .source import BankSource
 from .store import FaissNegativeBank
 
-__all__ = ["BankCorpus", "BankSettings", "FaissNegativeBank", "RefreshPolicy", "select_candidates"]
+__all__ = ["BankCorpus", "BankSettings", "BankSource", "FaissNegativeBank", "RefreshPolicy", "select_candidates"]

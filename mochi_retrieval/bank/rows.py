@@ -1,5 +1,10 @@
 """The bank's rows: unit embeddings (N, D), their external ids and the id -> row map, the group of each row
-(false-negative key) and the step at which each row was last embedded (its staleness)."""
+(false-negative key) and the step at which each row was last embedded (its staleness).
+
+Sharded over W processes, process r owns the rows ``r, r + W, r + 2W, ...`` (strided, so that a rolling slice
+in row order is spread evenly over the processes): it holds their embeddings and stamps, (ceil((N - r) / W), D)
+and (ceil((N - r) / W),), at local positions ``row // W``. The ids and groups (N,) are small and stay
+replicated: every process resolves ids to rows and applies the exclusions of every query."""
 from __future__ import annotations
 
 import torch
@@ -14,14 +19,16 @@ class BankRows:
     """Row storage of a bank. ``embeddings`` is the source of truth; indexes are caches of it.
 
     Attributes:
-        embeddings: (N, D) float32 unit rows, on ``device``.
+        embeddings: (n, D) float32 unit rows this process holds (n = N unsharded), on ``device``.
         ids: (N,) distinct non-negative external ids, or None (ids are row numbers).
         groups: (N,) long group of each row (equal = a false negative of each other), or None.
-        stamps: (N,) long, the step at which each row was last written (``NEVER`` = not by the model).
+        stamps: (n,) long, the step at which each held row was last written (``NEVER`` = not by the model).
+        world, rank: the layout: process ``rank`` of ``world`` holds rows ``rank::world``.
     """
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
+        self.world, self.rank, self.total = 1, 0, 0
         self.embeddings = torch.empty(0, 0)
         self.ids: Tensor | None = None
         self.groups: Tensor | None = None
@@ -30,19 +37,37 @@ class BankRows:
         self._order: Tensor | None = None
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        """N, the rows of the whole bank (over every shard)."""
+        return self.total
+
+    def owned(self, rows: Tensor) -> Tensor:
+        """Bool mask shaped like ``rows`` (global row numbers, -1 allowed): the rows this process holds."""
+        return (rows >= 0) & (rows % self.world == self.rank)
+
+    def local(self, rows: Tensor) -> Tensor:
+        """Global rows this process holds -> their positions in ``embeddings``."""
+        return rows // self.world
+
+    def global_rows(self, local: Tensor) -> Tensor:
+        """Positions in ``embeddings`` (-1 allowed) -> global row numbers (-1 stays -1)."""
+        return torch.where(local >= 0, local * self.world + self.rank, -1)
 
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
     def replace(self, embeddings: Tensor, ids: Tensor | None, groups: Tensor | None, stamp: int,
-                normalized: bool = False) -> None:
-        """All rows at once: embeddings (N, D), ids (N,) or None, groups (N,) or None (keeps the current
-        groups when they still have N rows)."""
-        if embeddings.dim() != 2 or embeddings.shape[0] == 0:
+                normalized: bool = False, layout: tuple[int, int, int] | None = None) -> None:
+        """All rows at once: embeddings (n, D), ids (N,) or None, groups (N,) or None (keeps the current
+        groups when they still have N rows). ``layout`` = (world, rank, N) of a sharded bank (embeddings then
+        hold rows ``rank::world``); None = one process holds all N = n rows."""
+        world, rank, n = layout if layout is not None else (1, 0, embeddings.shape[0])
+        if embeddings.dim() != 2 or (world == 1 and embeddings.shape[0] == 0) or n == 0:
             raise ValueError(f"embeddings must be a non-empty (N, D) tensor, got shape {tuple(embeddings.shape)}")
-        n = embeddings.shape[0]
+        held = len(range(rank, n, world))
+        if embeddings.shape[0] != held:
+            raise ValueError(f"a bank of {n} rows sharded over {world} processes holds rows {rank}::{world} on "
+                             f"process {rank}: {held} rows, got embeddings of shape {tuple(embeddings.shape)}")
         if ids is not None:
             ids = ids.detach().to("cpu", torch.long).reshape(-1)
             if ids.shape != (n,) or (ids < 0).any() or ids.unique().numel() != n:
@@ -54,21 +79,28 @@ class BankRows:
             raise ValueError(f"text_group must have shape ({n},), got {tuple(groups.shape)}")
         self.ids = ids
         self.groups = None if groups is None else groups.detach().reshape(-1).to(self.device, torch.long)
+        self.world, self.rank, self.total = world, rank, n
         emb = embeddings.detach().to(self.device)
         self.embeddings = emb.float().contiguous() if normalized else l2_normalize(emb)
-        self.stamps = torch.full((n,), stamp, dtype=torch.long)
+        self.stamps = torch.full((held,), stamp, dtype=torch.long)
 
-    def write(self, rows: Tensor, embeddings: Tensor, stamp: int) -> None:
-        """Overwrite ``rows`` (n,) CPU row numbers with ``embeddings`` (n, D), normalised here."""
+    def write(self, rows: Tensor, embeddings: Tensor, stamp: int) -> Tensor:
+        """Overwrite ``rows`` (n,) CPU global row numbers with ``embeddings`` (n, D), normalised here; a shard
+        writes those it holds. Returns the (m,) local positions written."""
         if embeddings.shape != (rows.numel(), self.dim):
             raise ValueError(f"embeddings must be ({rows.numel()}, {self.dim}), got {tuple(embeddings.shape)}")
-        self.embeddings.index_copy_(0, rows.to(self.device), l2_normalize(embeddings.detach().to(self.device)))
-        self.stamps[rows] = stamp
+        mine = self.owned(rows)
+        if self.world > 1:
+            rows, embeddings = rows[mine], embeddings[mine.to(embeddings.device)]
+        local = self.local(rows)
+        self.embeddings.index_copy_(0, local.to(self.device), l2_normalize(embeddings.detach().to(self.device)))
+        self.stamps[local] = stamp
+        return local
 
     def rows_of(self, ids: Tensor) -> Tensor:
         """External ids (any shape) -> CPU row numbers, -1 where unknown or negative."""
         ids = ids.detach().to("cpu", torch.long)
-        n = len(self)
+        n = self.total
         if n == 0:
             return torch.full_like(ids, -1)
         if self.ids is None:
@@ -82,6 +114,7 @@ class BankRows:
         return torch.where(rows >= 0, ids, -1)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The held rows (embeddings, stamps) and the replicated tables (ids, text_group)."""
         empty = torch.empty(0, dtype=torch.long)
         return {"embeddings": self.embeddings.cpu(), "ids": empty if self.ids is None else self.ids.clone(),
                 "text_group": empty if self.groups is None else self.groups.cpu(), "stamps": self.stamps.clone()}

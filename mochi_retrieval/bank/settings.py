@@ -47,6 +47,18 @@ class BankSettings:
         device: where the bank searches: "auto" (the GPU when faiss-gpu, or torch for the torch backend,
             sees one, else the CPU), "cpu", or "cuda" (the CPU with a warning when no GPU is usable).
         encode_batch_size: documents per forward pass during a refresh.
+        shard: text: under W processes each holds only its 1/W of the rows (rows ``rank::W``: embeddings,
+            stamps and index) and a step's search merges the shards' top lists, so every process gets the
+            candidates one process holding the whole bank would; false = every process holds the whole bank.
+            Checkpoints then hold one file of rows per process (resume with as many processes).
+        index: a FAISS ``index_factory`` string: "Flat" (exact), "SQfp16" (float16 codes), "HNSW32",
+            "IVF1024,Flat", "IVF1024,PQ32", ...; trained on the refreshed rows (of each shard). Needs
+            backend="faiss" unless "Flat".
+        search_params: the index's search settings as a ``faiss.ParameterSpace`` string, e.g. "nprobe=64"
+            (IVF) or "efSearch=128" (HNSW); null = FAISS's defaults.
+        recall_queries: at each refresh, measure the share of the exact top (candidates + mined_negatives)
+            that the index returns on this many of the bank's own rows (monitor ``bank_index_recall``; exact
+            indexes report 1); 0 = off.
         cache_dir: text: a folder for the initial pass's embeddings, keyed by the key network's weights, the
             documents and the encoding settings: a later run with the same ones loads them instead of
             encoding the corpus again; null = no cache.
@@ -69,6 +81,10 @@ class BankSettings:
     drift_correction: bool = False
     update_with_mined: bool = False
     cache_dir: str | None = None
+    shard: bool = False
+    index: str = "Flat"
+    search_params: str | None = None
+    recall_queries: int = 64
 
     def __post_init__(self) -> None:
         require(self.candidates >= 0, "candidates", ">= 0", self.candidates)
@@ -83,5 +99,15 @@ class BankSettings:
         require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
         require(self.max_similarity is None or -1.0 <= self.max_similarity <= 1.0, "max_similarity",
                 "in [-1, 1] or null", self.max_similarity)
+        require(self.recall_queries >= 0, "recall_queries", ">= 0 (0 = off)", self.recall_queries)
+        require(self.backend == "faiss" or self.index == "Flat", "index",
+                "'Flat' with backend='torch' (the exact oracle); other index types need backend='faiss'", self.index)
+        if self.index != "Flat" or self.search_params:
+            from .index import check_index_spec
+
+            check_index_spec(self.index, self.search_params)
+        require(not self.drift_correction or (self.index == "Flat" and not self.shard), "drift_correction",
+                "false with an approximate bank.index or bank.shard=true (every row's estimate moves with each "
+                "measurement: only the exact, unsharded index is rebuilt cheaply)", self.drift_correction)
         require(isinstance(self.corpus, str) and bool(self.corpus.strip()), "corpus",
                 "'pairs', 'all' or the path of a documents file", self.corpus)

@@ -307,6 +307,8 @@ class ExperimentConfig:
                      "0 for image runs (re-encoding mined texts is a text feature)", self.bank.mined_negatives)
             require(not self.bank.enabled or self.bank.candidates >= 1, "bank.candidates", ">= 1 for image runs",
                      self.bank.candidates)
+            require(not self.bank.enabled or not self.bank.shard, "bank.shard",
+                     "false for image runs (an image bank is the training set's keys, kept whole)", self.bank.shard)
         if self.data.is_text:
             require(self.model.bn_splits == 1, "model.bn_splits", "1 for text runs (text encoders have no BatchNorm)",
                      self.model.bn_splits)

@@ -83,6 +83,16 @@ class CheckpointDir:
     def step_path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"
 
+    def shard_path(self, step: int, rank: int, world: int) -> Path:
+        """The file of process ``rank``'s share of a sharded bank, beside ``step-N.pt``."""
+        return self.folder / f"step-{step:08d}.bank-{rank}-of-{world}.pt"
+
+    def _remove(self, path: Path) -> None:
+        """Delete a step file and the bank shard files written with it."""
+        path.unlink(missing_ok=True)
+        for part in self.folder.glob(f"{path.stem}.bank-*-of-*.pt"):
+            part.unlink(missing_ok=True)
+
     def step_files(self) -> list[Path]:
         """``step-N.pt`` files, newest (highest step) first."""
         if not self.folder.is_dir():
@@ -119,7 +129,7 @@ class CheckpointDir:
             raise CheckpointError(f"could not write checkpoint {path}: {err}; {previous}") from err
         old = [p for p in self.step_files() if p != path] if replace_others else self.step_files()[self.keep:]
         for stale in old:
-            stale.unlink(missing_ok=True)
+            self._remove(stale)
             logger.debug("deleted old checkpoint %s", stale)
         return path
 

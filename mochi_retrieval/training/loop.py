@@ -217,6 +217,9 @@ class Trainer:
         if self._saved_step == self.global_step:
             return
         self.check_replicas()
+        part = getattr(self.unwrapped, "bank_shard_state", dict)()
+        if part:  # a sharded bank: each process's rows in a file of its own, before the checkpoint names them
+            checkpoints.save_atomic(part, self.ckpt.shard_path(self.global_step, rank(), self.acc.num_processes))
         self.acc.wait_for_everyone()
         fresh = self._saved_step is None  # this run's first checkpoint: an earlier run's files go
         self._saved_step, self._saved_at = self.global_step, time.monotonic()
@@ -278,6 +281,12 @@ class Trainer:
                 f"checkpoint {path} was written by another configuration; use a new output_dir or train.resume=false\n"
                 f"  checkpoint: {state['fingerprint']}\n  this run:   {json.dumps(self.fingerprint, sort_keys=True)}")
         self.unwrapped.load_state_dict(state["model"])
+        if getattr(self.unwrapped, "bank_shard_pending", False):
+            part = self.ckpt.shard_path(state["global_step"], rank(), self.acc.num_processes)
+            if not part.is_file():
+                raise CheckpointError(f"checkpoint {path} holds a sharded bank but {part}, this process's rows, "
+                                      "is missing")
+            self.unwrapped.load_bank_shard(checkpoints.load(part))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         scaler = getattr(self.acc, "scaler", None)
