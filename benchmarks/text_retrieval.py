@@ -80,6 +80,7 @@ OURS = {
     "ours_bank_all_rolling_drift": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
                                            "bank.drift_correction=true"],
     "ours_bank_rolling": BANK + ["bank.refresh_every=0", "bank.max_staleness=100", "bank.drift_correction=true"],
+    "ours_bank_rolling_plain": BANK + ["bank.refresh_every=0", "bank.max_staleness=100"],
     "ours_bank_all_rolling": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000"],
     "ours_bank_all_rolling_mochi": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
                                            "mochi.enabled=true"],
