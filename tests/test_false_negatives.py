@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_loss import unit
 from torch import nn
 
 from mochi_retrieval.config import ConfigError, ExperimentConfig
@@ -23,10 +24,6 @@ from mochi_retrieval.false_negatives import (
 )
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss, info_nce_from_logits, multi_positive_info_nce
 from mochi_retrieval.moco import MoCo
-
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 # ------------------------------------------------------------------ detector

@@ -1,10 +1,9 @@
 """The false-negative options through the training program on tiny data: each runs and logs its monitors,
-and a run with one resumes to the uninterrupted run's losses."""
+and a checkpoint written without one is refused (the resume with one is in test_train.py)."""
 import json
 
 import pytest
-import torch
-from test_train import CONFIG, losses, tiny_overrides
+from test_train import CONFIG, tiny_overrides
 
 from mochi_retrieval import train
 
@@ -32,22 +31,6 @@ def test_each_handling_trains_and_logs_its_monitors(tiny_fmnist_dir, tmp_path, h
         assert ("fn_support_s" in r) == (handling != "nearest_positive")
     if extra.get("mochi.enabled") != "false":
         assert any("false_neg_synthetic_sources" in r for r in records), "MoCHi should be on"
-
-
-def test_resume_matches_uninterrupted_run_with_attraction(tiny_fmnist_dir, tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    common = {**FAST, "false_negatives.handling": "attract", "false_negatives.start_epoch": 0.5,
-              "train.epochs": 2}
-    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, full, **common)]) == 0
-    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, cut, **common, **{"train.max_steps": 4})]) == 0
-    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, cut, **common)]) == 0
-    a, b = losses(full), losses(cut)
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
-    qa = torch.load(full / "checkpoints/last.pt", weights_only=True)["model"]["queue.keys"]
-    qb = torch.load(cut / "checkpoints/last.pt", weights_only=True)["model"]["queue.keys"]
-    torch.testing.assert_close(qa, qb, rtol=1e-4, atol=1e-5)
 
 
 def test_a_checkpoint_without_the_option_is_refused_with_it(tiny_fmnist_dir, tmp_path, capsys):

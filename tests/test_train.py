@@ -52,9 +52,13 @@ def test_end_to_end_writes_everything(tiny_fmnist_dir, tmp_path, capsys):
     assert load_model(out).modality == "image"
 
 
-def test_resume_matches_uninterrupted_run(tiny_fmnist_dir, tmp_path):
+# Also with a label-free false-negative handling on from mid-run (attraction: extra positives, support views).
+@pytest.mark.parametrize("extra", [{}, {"false_negatives.handling": "attract", "false_negatives.start_epoch": 0.5,
+                                        "false_negatives.top_k": 4, "mochi.warmup_epochs": 0}],
+                         ids=["plain", "fn_attract"])
+def test_resume_matches_uninterrupted_run(tiny_fmnist_dir, tmp_path, extra):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    common = dict(**{"eval.linear_probe": "false", "train.epochs": 2})
+    common = {"eval.linear_probe": "false", "train.epochs": 2, **extra}
     assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, full, **common)]) == 0
     # Stop mid-epoch (step 4 of 6 in epoch 0), then resume to the end.
     assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, cut, **common, **{"train.max_steps": 4})]) == 0
