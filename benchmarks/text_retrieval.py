@@ -81,6 +81,8 @@ OURS = {
                                            "bank.drift_correction=true"],
     "ours_bank_rolling": BANK + ["bank.refresh_every=0", "bank.max_staleness=100", "bank.drift_correction=true"],
     "ours_bank_rolling_plain": BANK + ["bank.refresh_every=0", "bank.max_staleness=100"],
+    # The config's bank before 2026-12-06 20:20: a full re-embedding every 50 steps, no rolling refresh.
+    "ours_bank_full50": BANK + ["bank.refresh_every=50", "bank.max_staleness=0"],
     "ours_bank_all_rolling": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000"],
     "ours_bank_all_rolling_mochi": BANK + ["bank.corpus=all", "bank.refresh_every=0", "bank.max_staleness=1000",
                                            "mochi.enabled=true"],

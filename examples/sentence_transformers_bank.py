@@ -33,8 +33,8 @@ def train(pairs: str, corpus: str, output_dir: str, max_steps: int, model_path: 
 
     # Per query: the batch's other documents, 1 bank document re-encoded with gradient, 16 more as stored
     # vectors (they score the query only); mining skips documents above 0.95 x the positive's score; the
-    # bank is re-embedded at the start and every 50 steps.
-    bank = BankSettings(mined_negatives=1, candidates=16, max_pos_ratio=0.95, refresh_every=50,
+    # bank is embedded at the start, then a slice of 1/100 of it re-embedded every step (none staler than 100).
+    bank = BankSettings(mined_negatives=1, candidates=16, max_pos_ratio=0.95, refresh_every=0, max_staleness=100,
                         update_with_keys=False, encode_batch_size=64)
     loss = BankNegativesLoss(model, train_dataset, documents, bank=bank, temperature=0.05, seed=seed)
 

@@ -25,8 +25,9 @@ anchor its set of positives; the trainer's collator tokenises the batches as usu
 ids again from the token ids. The corpus (any list of texts, or a ``datasets`` column) is what the bank
 indexes; positives missing from it are added to it.
 
-Steps. The callback refreshes the bank at the start of training and then every ``bank.refresh_every``
-optimiser steps (``state.global_step``; our trainer counts forward calls, the same without gradient
+Steps. The callback embeds the bank at the start of training and then re-embeds it every
+``bank.refresh_every`` optimiser steps, or a rolling slice before every step with ``bank.max_staleness``
+(``state.global_step``; our trainer counts forward calls, the same without gradient
 accumulation). MoCHi's draws are seeded by the forward-call index ``global_step x accumulation + micro-batch``,
 as in our trainer. Checkpoints get the bank (and the queue, if any) in ``mochi_bank_state.pt``; a run resumed
 with ``resume_from_checkpoint`` continues with the same bank.
