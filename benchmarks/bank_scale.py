@@ -16,6 +16,15 @@ process builds only the rows it holds (rows ``rank::W``) one chunk at a time: at
 ``refresh(..., normalized=True)``, and the CPU flat index searches it in place). The spread is calibrated on
 real embeddings: ``--calibrate`` embeds 2,000 Debian package descriptions with all-MiniLM-L6-v2 and prints
 their mean top-1 neighbour cosine beside the synthetic data's (see SPREAD).
+
+Real embeddings instead: ``--embeddings FILE`` takes a saved (N, D) float tensor (``torch.save``), such as
+the initial pass a whole-corpus text run caches under ``bank.cache_dir`` (``bank-initial-*.pt``: the Debian
+corpus's 55,364 documents under all-MiniLM-L6-v2); 64 rows drawn with the seed are the queries, the others
+the bank.
+
+Index types (``--indexes``): Flat, SQfp16, HNSW32, and over about sqrt(N) IVF lists (``--nprobe`` probed)
+IVF+Flat, IVF+PQ (D/8 bytes), IVF+PQfs (D 4-bit codes, FAISS's fast scan: D/2 bytes), IVF+SQ8, IVF+SQ6, IVF+SQ4
+(D, 3D/4, D/2 bytes). "index bytes/vector" is what the index's codes cost beside the bank's float32 rows.
 """
 from __future__ import annotations
 
@@ -42,11 +51,27 @@ SPREAD = 0.9
 QUERIES, K, RECALL_K = 64, 64, 16
 
 
-def index_types(n: int, dim: int) -> dict[str, tuple[str, str | None]]:
+def index_types(n: int, dim: int, nprobe: int = 32) -> dict[str, tuple[str, str | None]]:
     """name -> (index_factory string, search params) sized for n rows: about sqrt(n) lists."""
     nlist = 2 ** max(4, round(math.log2(math.sqrt(n))))
+    ivf = f"nprobe={min(nprobe, nlist)}"
     return {"Flat": ("Flat", None), "SQfp16": ("SQfp16", None), "HNSW32": ("HNSW32", "efSearch=128"),
-            "IVF,Flat": (f"IVF{nlist},Flat", "nprobe=32"), "IVF,PQ": (f"IVF{nlist},PQ{dim // 8}", "nprobe=32")}
+            "IVF,Flat": (f"IVF{nlist},Flat", ivf), "IVF,PQ": (f"IVF{nlist},PQ{dim // 8}", ivf),
+            "IVF,PQfs": (f"IVF{nlist},PQ{dim}x4fs", ivf), "IVF,SQ8": (f"IVF{nlist},SQ8", ivf),
+            "IVF,SQ6": (f"IVF{nlist},SQ6", ivf), "IVF,SQ4": (f"IVF{nlist},SQ4", ivf)}
+
+
+def real_rows(path: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (N - 64, D), queries (64, D)) unit vectors from a saved (N, D) tensor: 64 rows drawn with the
+    seed are the queries."""
+    x = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point() or x.shape[0] <= 2 * QUERIES:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise SystemExit(f"--embeddings {path}: expected a saved (N, D) float tensor with N > {2 * QUERIES}, "
+                         f"got {got}")
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    x = torch.nn.functional.normalize(x.float(), dim=1)
+    return x[perm[QUERIES:]].contiguous(), x[perm[:QUERIES]].contiguous()
 
 
 def centres(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -92,8 +117,13 @@ def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     n, dim, seed, spread = args["n"], args["dim"], args["seed"], args["spread"]
-    emb = held_rows(n, dim, seed, world, rank, spread)
-    q = query_batch(n, dim, seed, spread)
+    if args["embeddings"]:
+        rows, q = real_rows(args["embeddings"], seed)
+        emb = rows[rank::world].contiguous()
+        del rows
+    else:
+        emb = held_rows(n, dim, seed, world, rank, spread)
+        q = query_batch(n, dim, seed, spread)
     mine = q[rank * QUERIES // world: (rank + 1) * QUERIES // world]
     bank = FaissNegativeBank("faiss", "cpu", index=args["spec"], search_params=args["params"], shard=True,
                              recall_queries=0)
@@ -119,12 +149,12 @@ def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
 
 
 def run(n: int, dim: int, world: int, name: str, spec: str, params: str | None, seed: int, spread: float,
-        repeats: int) -> dict:
+        repeats: int, embeddings: str | None = None) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         args = {"n": n, "dim": dim, "seed": seed, "spread": spread, "spec": spec, "params": params,
-                "repeats": repeats}
+                "repeats": repeats, "embeddings": embeddings}
         mp.spawn(_worker, args=(world, str(Path(tmp, "init")), args, tmp), nprocs=world, join=True)
         recs = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     held = max(r["held"] for r in recs)
@@ -170,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--indexes", default="Flat,SQfp16,HNSW32,IVF+Flat,IVF+PQ",
-                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ")
+                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ, IVF+PQfs, IVF+SQ8, "
+                        "IVF+SQ6, IVF+SQ4")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query")
+    p.add_argument("--embeddings", metavar="FILE", help="real rows: a saved (N, D) float tensor (replaces the "
+                   "synthetic rows; --vectors and --dim are then read from it)")
     p.add_argument("--check-exact", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -181,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.calibrate:
         calibrate(a.calibrate, a.seed)
         return 0
-    types = index_types(a.vectors, a.dim)
+    if a.embeddings:
+        if not Path(a.embeddings).is_file():
+            p.error(f"--embeddings {a.embeddings}: no such file")
+        rows, _ = real_rows(a.embeddings, a.seed)
+        a.vectors, a.dim = rows.shape
+        del rows
+    types = index_types(a.vectors, a.dim, a.nprobe)
     names = [s.strip().replace("+", ",") for s in a.indexes.split(",") if s.strip()]
     unknown = [s for s in names if s not in types]
     if unknown:
@@ -193,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         spec, params = types[name]
         for world in worlds:
-            r = run(a.vectors, a.dim, world, name, spec, params, a.seed, a.spread, a.repeats)
+            r = run(a.vectors, a.dim, world, name, spec, params, a.seed, a.spread, a.repeats, a.embeddings)
             if name == "Flat" and world == 1:
                 exact = r
             r["recall16"] = recall(r["ids16"], exact["ids16"])
@@ -211,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - start
     verdict = f"sharded flat candidates equal one process's: {'yes' if ok else 'NO'}"
     print(f"{verdict}; wall {wall:.0f} s")
+    data = (f"real embeddings ({a.embeddings}; 64 held-out rows as queries, seed {a.seed})" if a.embeddings
+            else f"Clustered synthetic unit vectors (spread {a.spread})")
     if not a.no_write:
-        append_results(f"Bank at scale: {a.vectors:,} x {a.dim}, 1 and {a.processes} processes",
-                       f"{table}\n\n{verdict}. Clustered synthetic unit vectors (spread {a.spread}); "
+        what = f"{a.vectors:,} x {a.dim}" + (" real embeddings" if a.embeddings else "")
+        append_results(f"Bank at scale: {what}, 1 and {a.processes} processes",
+                       f"{table}\n\n{verdict}. {data}; "
                        f"search medians of {a.repeats}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; "
                        f"wall {wall:.0f} s.")
     return 0 if ok or not a.check_exact else 1

@@ -1,0 +1,53 @@
+"""benchmarks/bank_scale.py on saved real embeddings: the sharded flat bank's candidates equal one
+process's (the pinned ``--check-exact``), and a bad embeddings file is a clear error."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import bank_scale  # noqa: E402
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dim, generator=g)
+    return centres[torch.randint(0, 20, (n,), generator=g)] + 0.3 * torch.randn(n, dim, generator=g)
+
+
+def test_real_embeddings_sharded_flat_equals_one_process(tmp_path, capsys):
+    path = tmp_path / "emb.pt"
+    torch.save(clustered(600, 32), path)
+    assert bank_scale.main(["--embeddings", str(path), "--processes", "2", "--indexes", "Flat", "--check-exact",
+                            "--repeats", "1", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| 536 | Flat | - | 2 |" in out  # 600 rows - 64 held-out queries, 2 processes
+    assert "sharded flat candidates equal one process's: yes" in out
+
+
+def test_real_rows_hold_out_the_queries(tmp_path):
+    path = tmp_path / "emb.pt"
+    x = clustered(300, 16)
+    torch.save(x, path)
+    rows, queries = bank_scale.real_rows(str(path), seed=3)
+    assert rows.shape == (236, 16) and queries.shape == (64, 16)
+    unit = torch.nn.functional.normalize(x, dim=1)
+    together = torch.cat([rows, queries])  # a partition of the saved rows, normalised
+    assert torch.allclose(together.sort(0).values, unit.sort(0).values)
+
+
+@pytest.mark.parametrize("saved", [torch.zeros(3), torch.zeros(100, 8), {"rows": torch.zeros(300, 8)}])
+def test_a_bad_embeddings_file_is_named(tmp_path, saved):
+    path = tmp_path / "bad.pt"
+    torch.save(saved, path)
+    with pytest.raises(SystemExit, match=r"--embeddings .*bad\.pt: expected a saved \(N, D\) float tensor"):
+        bank_scale.main(["--embeddings", str(path), "--no-write"])
+
+
+def test_a_missing_embeddings_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bank_scale.main(["--embeddings", str(tmp_path / "none.pt"), "--no-write"])
+    assert "none.pt: no such file" in capsys.readouterr().err
