@@ -51,3 +51,21 @@ def test_a_missing_embeddings_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bank_scale.main(["--embeddings", str(tmp_path / "none.pt"), "--no-write"])
     assert "none.pt: no such file" in capsys.readouterr().err
+
+
+def test_ties_at_the_cut_may_differ_anything_else_may_not():
+    ref_ids, ref_s = [[7, 3, 5, 9]], [[0.9, 0.8, 0.8, 0.5]]
+    # the two rows tied at 0.8 swapped: the same candidates
+    assert bank_scale.same_candidates([[7, 5, 3, 9]], [[0.9, 0.8, 0.8, 0.5]], ref_ids, ref_s)
+    # a different row tied with the last one (0.5): the same candidates
+    assert bank_scale.same_candidates([[7, 3, 5, 4]], [[0.9, 0.8, 0.8, 0.5]], ref_ids, ref_s)
+    # a different row above the cut, or another score: not
+    assert not bank_scale.same_candidates([[7, 3, 4, 9]], [[0.9, 0.8, 0.8, 0.5]], ref_ids, ref_s)
+    assert not bank_scale.same_candidates([[7, 3, 5, 9]], [[0.9, 0.8, 0.7, 0.5]], ref_ids, ref_s)
+
+
+def test_recall_counts_rows_tied_with_the_last_exact_one():
+    exact = [[0.9, 0.8, 0.7, 0.7], [0.6, 0.5, 0.4, 0.3]]
+    got = [[0.9, 0.7, 0.7, 0.6],  # 0.8 missed: 3 of 4 (a row tied at 0.7 counts)
+           [0.6, 0.5, 0.4, 0.3]]  # all 4
+    assert bank_scale.recall(got, exact) == 7 / 8
