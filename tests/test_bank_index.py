@@ -41,6 +41,34 @@ def test_recall_monitor_is_below_one_for_a_coarse_index_on_clustered_data():
     assert off.last_recall is None
 
 
+def _tie_extended_recall(bank, k=16, queries=64):
+    """The monitor's reference: per query (the bank's own rows it samples), the exact top k extended by every
+    row tied with the k-th score, and the share of the index's k results inside that set."""
+    rows = bank.embeddings
+    pick = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:queries]
+    q = rows[pick]
+    scores = q @ rows.T
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    _, found = bank.index.search(rows, q, k)
+    hits = [len(set(f.tolist()) & set((s >= t - 1e-5).nonzero().flatten().tolist()))
+            for f, s, t in zip(found, scores, kth)]
+    return sum(hits) / (k * len(hits)), found, scores.topk(k, dim=1).indices
+
+
+def test_recall_monitor_counts_identical_rows_as_found():
+    # 250 distinct rows, each 3 times (16 is no multiple of 3: the cut splits a group of copies)
+    emb = clustered(250, 16, 3).repeat(3, 1)
+    bank = FaissNegativeBank("faiss", "cpu", index="IVF16,Flat", search_params="nprobe=16")
+    bank.refresh(emb, step=0)
+    want, found, exact_ids = _tie_extended_recall(bank)
+    by_id = (found.unsqueeze(2) == exact_ids.unsqueeze(1)).any(2).float().mean().item()
+    assert by_id < 1.0  # the scenario has ties an id comparison gets wrong
+    assert want == 1.0 and bank.last_recall == 1.0  # every list probed: exact scores
+    coarse = FaissNegativeBank("faiss", "cpu", index="IVF64,Flat", search_params="nprobe=1")
+    coarse.refresh(torch.cat([clustered(1500, 16, 3), clustered(500, 16, 3)[:250].repeat(2, 1)]), step=0)
+    assert coarse.last_recall == pytest.approx(_tie_extended_recall(coarse)[0]) and coarse.last_recall < 1.0
+
+
 @pytest.mark.parametrize("spec", ["SQfp16", "HNSW16", "IVF8,PQ8"])
 def test_other_types_build_train_and_mostly_agree_with_exact(spec):
     emb, q, exact, approx = _pair(spec, None)

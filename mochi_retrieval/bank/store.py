@@ -182,7 +182,8 @@ class FaissNegativeBank:
 
     def _measure_recall(self) -> None:
         """:attr:`last_recall`: the share of the exact top ``recall_k`` (torch over the held rows) that the
-        index returns, for ``recall_queries`` of the held rows drawn with a fixed seed; averaged over shards."""
+        index returns, rows tied with the exact k-th score counted in, for ``recall_queries`` of the held rows
+        drawn with a fixed seed; averaged over shards."""
         if not self.recall_queries:
             return
         held = self.embeddings.shape[0]
@@ -192,12 +193,11 @@ class FaissNegativeBank:
             pick = torch.randperm(held, generator=torch.Generator().manual_seed(0))[: self.recall_queries]
             q = self.embeddings[pick.to(self.embeddings.device)]
             if self.index.exact:
-                found = exact = None
+                hits = torch.ones(pick.numel())
             else:
-                _, exact = BankIndex("torch", False).search(self.embeddings, q, k)
+                exact, _ = BankIndex("torch", False).search(self.embeddings, q, k)
                 _, found = self.index.search(self.embeddings, q, k)
-            hits = torch.ones(pick.numel()) if found is None else \
-                (found.unsqueeze(2) == exact.unsqueeze(1)).any(2).sum(1).double() / k
+                hits = tie_aware_hits(q, self.embeddings, found, exact[:, -1]) / k
             share = torch.stack([hits.double().sum(), torch.tensor(float(pick.numel()), dtype=torch.float64)])
         if self.sharded:
             share = distributed.all_reduce_sum(share)
@@ -457,3 +457,15 @@ class FaissNegativeBank:
             raise ValueError(f"the checkpoint's bank is sharded over {saved} process(es) but this run has {world}: "
                              f"resume with {saved} processes (or train.resume=false, or bank.shard=false "
                              "to start the bank again)")
+
+
+TIE = 1e-5  # exact scores this close are a tie: identical documents embed identically
+
+
+def tie_aware_hits(q: Tensor, rows: Tensor, found: Tensor, kth_exact: Tensor) -> Tensor:
+    """(b,) float64: how many of the index's ``found`` (b, k) rows (-1 = none) are in the exact top k of the
+    (b, D) queries over ``rows`` (n, D), a row tied with the exact k-th score (``kth_exact`` (b,)) counted in:
+    which of several identical documents the index returns is arbitrary, so an id comparison would count
+    exact duplicates as misses."""
+    got = (q.unsqueeze(1) * rows[found.clamp(min=0).to(rows.device)]).sum(-1).cpu()  # exact scores, (b, k)
+    return ((got >= kth_exact.unsqueeze(1) - TIE) & (found >= 0)).sum(1).double()
