@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"Clustered synthetic unit vectors (spread {a.spread})")
     if not a.no_write:
         what = f"{a.vectors:,} x {a.dim}" + (" real embeddings" if a.embeddings else "")
-        append_results(f"Bank at scale: {what}, 1 and {a.processes} processes",
+        procs = f"1 and {a.processes} processes" if a.processes > 1 else "1 process"
+        append_results(f"Bank at scale: {what}, {procs}",
                        f"{table}\n\n{verdict}. {data}; "
                        f"search medians of {a.repeats}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}; "
                        f"wall {wall:.0f} s.")
