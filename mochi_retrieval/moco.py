@@ -260,10 +260,13 @@ class MoCo(ContrastiveCore):
     def _encode_support(self, view_support: torch.Tensor | None, epoch: float,
                         step: int | None) -> tuple[torch.Tensor | None, float | None]:
         """(S, B, D) unit support views from the key network and the seconds they took (on an accelerator
-        the device is synchronised around them), or (None, None) when the detector is off or inactive."""
+        the device is synchronised around them), (None, 0.0) for the key view alone (no extra pass), or
+        (None, None) when the detector is off or inactive."""
         fn = self.false_negatives
-        if fn is None or not fn.detects or not fn.active(epoch) or fn.support_views == 0:
+        if fn is None or not fn.detects or not fn.active(epoch):
             return None, None
+        if fn.support_views == 0:
+            return None, 0.0
         if view_support is None or view_support.shape[0] < fn.support_views:
             got = "none" if view_support is None else view_support.shape[0]
             raise ValueError(f"false_negatives.support_views={fn.support_views}: the batch must carry that many "

@@ -12,8 +12,9 @@ FAST = {"eval.linear_probe": "false", "false_negatives.start_epoch": 0, "false_n
 
 
 @pytest.mark.parametrize("handling,extra", [
-    ("eliminate", {}),
-    ("attract", {"false_negatives.aggregate": "max", "false_negatives.support_with_key": "true"}),
+    ("eliminate", {}),  # the config's detector: the key view alone
+    ("eliminate", {"false_negatives.support_views": 2, "false_negatives.support_with_key": "false"}),
+    ("attract", {"false_negatives.aggregate": "max", "false_negatives.support_views": 1}),
     ("nearest_positive", {"false_negatives.nearest": "join", "mochi.enabled": "false"}),
     ("nearest_positive", {}),
 ])

@@ -54,7 +54,8 @@ def test_end_to_end_writes_everything(tiny_fmnist_dir, tmp_path, capsys):
 
 # Also with a label-free false-negative handling on from mid-run (attraction: extra positives, support views).
 @pytest.mark.parametrize("extra", [{}, {"false_negatives.handling": "attract", "false_negatives.start_epoch": 0.5,
-                                        "false_negatives.top_k": 4, "mochi.warmup_epochs": 0}],
+                                        "false_negatives.top_k": 4, "false_negatives.support_views": 1,
+                                        "mochi.warmup_epochs": 0}],
                          ids=["plain", "fn_attract"])
 def test_resume_matches_uninterrupted_run(tiny_fmnist_dir, tmp_path, extra):
     full, cut = tmp_path / "full", tmp_path / "cut"
