@@ -5,7 +5,10 @@ Functions take an optional process group and work unchanged in a single process
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import os
+import sys
+from typing import NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -235,3 +238,24 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     y = x.to(collective_device(group)).clone()
     dist.all_reduce(y, group=group)
     return y.to(x.device)
+
+
+def exit_launched_process(code: int) -> NoReturn:
+    """End a program's process with ``code``; under a launcher (``WORLD_SIZE`` > 1) without the interpreter's
+    teardown, once everything it wrote is flushed.
+
+    Why: DDP's reducer keeps the process group alive past ``destroy_process_group`` (deleting the model does
+    not free it either), so the group's worker threads outlive Python's finalisation. A gloo worker that drops
+    the last reference to a finished collective (a barrier holding the all-gather before it) frees that
+    collective's tensors, which needs the GIL; on Python 3.11 a thread asking for the GIL during finalisation
+    is ended by ``pthread_exit`` inside a noexcept destructor: ``std::terminate``, "terminate called without an
+    active exception", exit -6 after the run finished and wrote its results (a core dump of the 2-process
+    test showed exactly that stack). The program has closed its files by now; logging and stdio are flushed
+    here, and the process leaves without the teardown that would race those threads.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

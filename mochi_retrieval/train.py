@@ -72,4 +72,6 @@ def results_table(results: dict[str, float], cfg: ExperimentConfig) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import exit_launched_process
+
+    exit_launched_process(main())

