@@ -148,6 +148,25 @@ def test_two_processes_keep_identical_queues(tiny_fmnist_dir, tmp_path):
     assert (out / "checkpoints/last.pt").is_file()
 
 
+def test_a_launched_process_exits_with_its_code_and_everything_flushed(tmp_path):
+    """exit_launched_process: under a launcher (WORLD_SIZE > 1) it skips the interpreter's teardown, so it
+    must flush what the program printed and logged first, and keep the exit code; alone it is sys.exit."""
+    script = ("import logging, sys\n"
+              "logging.basicConfig(filename=sys.argv[1], level=logging.INFO)\n"
+              "logging.getLogger('x').info('logged line')\n"
+              "print('printed line', end='')\n"
+              "print('to stderr', end='', file=sys.stderr)\n"
+              "from mochi_retrieval.distributed import exit_launched_process\n"
+              "exit_launched_process(3)\n")
+    for world in ("1", "2"):
+        log = tmp_path / f"world{world}.log"
+        env = {**os.environ, "WORLD_SIZE": world}
+        proc = subprocess.run([sys.executable, "-c", script, str(log)], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert (proc.returncode, proc.stdout, proc.stderr[-9:]) == (3, "printed line", "to stderr"), world
+        assert "logged line" in log.read_text()
+
+
 def make_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 16) -> Path:
     import numpy as np
     from PIL import Image
