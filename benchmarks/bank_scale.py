@@ -25,7 +25,8 @@ corpus's 55,364 documents under all-MiniLM-L6-v2); 64 rows drawn with the seed a
 the bank.
 
 Index types (``--indexes``): Flat, SQfp16, HNSW32, and over about sqrt(N) IVF lists (``--nprobe`` probed)
-IVF+Flat, IVF+PQ (D/8 bytes), IVF+PQhalf (D/2 bytes: 1/8 of the float32 row), IVF+PQfs (D 4-bit codes, FAISS's
+IVF+Flat, IVF+PQ (D/8 bytes), IVF+PQquarter (D/4 bytes),
+IVF+PQhalf (D/2 bytes: 1/8 of the float32 row), IVF+PQfs (D 4-bit codes, FAISS's
 fast scan: D/2 bytes), IVF+SQ8, IVF+SQ6, IVF+SQ4 (D, 3D/4, D/2 bytes). "index bytes/vector" is what the index's
 codes cost beside the bank's float32 rows.
 
@@ -68,6 +69,7 @@ def index_types(n: int, dim: int, nprobe: int = 32) -> dict[str, tuple[str, str 
     ivf = f"nprobe={min(nprobe, nlist)}"
     return {"Flat": ("Flat", None), "SQfp16": ("SQfp16", None), "HNSW32": ("HNSW32", "efSearch=128"),
             "IVF,Flat": (f"IVF{nlist},Flat", ivf), "IVF,PQ": (f"IVF{nlist},PQ{dim // 8}", ivf),
+            "IVF,PQquarter": (f"IVF{nlist},PQ{dim // 4}", ivf),
             "IVF,PQhalf": (f"IVF{nlist},PQ{dim // 2}", ivf), "IVF,PQfs": (f"IVF{nlist},PQ{dim}x4fs", ivf),
             "IVF,SQ8": (f"IVF{nlist},SQ8", ivf),
             "IVF,SQ6": (f"IVF{nlist},SQ6", ivf), "IVF,SQ4": (f"IVF{nlist},SQ4", ivf)}
@@ -243,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--indexes", default="Flat,SQfp16,HNSW32,IVF+Flat,IVF+PQ",
-                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ, IVF+PQhalf, IVF+PQfs, "
+                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ, IVF+PQquarter, "
+                        "IVF+PQhalf, IVF+PQfs, "
                         "IVF+SQ8, IVF+SQ6, IVF+SQ4")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query")
     p.add_argument("--embeddings", metavar="FILE", help="real rows: a saved (N, D) float tensor (replaces the "
