@@ -25,9 +25,16 @@ corpus's 55,364 documents under all-MiniLM-L6-v2); 64 rows drawn with the seed a
 the bank.
 
 Index types (``--indexes``): Flat, SQfp16, HNSW32, and over about sqrt(N) IVF lists (``--nprobe`` probed)
-IVF+Flat, IVF+PQ (D/8 bytes), IVF+PQhalf (D/2 bytes: 1/8 of the float32 row), IVF+PQfs (D 4-bit codes, FAISS's
+IVF+Flat, IVF+PQ (D/8 bytes), IVF+PQquarter (D/4 bytes),
+IVF+PQhalf (D/2 bytes: 1/8 of the float32 row), IVF+PQfs (D 4-bit codes, FAISS's
 fast scan: D/2 bytes), IVF+SQ8, IVF+SQ6, IVF+SQ4 (D, 3D/4, D/2 bytes). "index bytes/vector" is what the index's
 codes cost beside the bank's float32 rows.
+
+Codes only in memory: ``--rows-dir DIR --rerank F`` gives every approximate type's bank ``bank.rows_dir`` (its
+rows in a memory-mapped file there, not in the process's memory) and ``bank.rerank`` (the codes shortlist F
+times the rows asked for; exact scores from the rows order them). "bytes/vector in memory" then counts the
+index alone, and "anon RSS" (the process's resident memory that is not file pages, after the searches)
+shows it.
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ def index_types(n: int, dim: int, nprobe: int = 32) -> dict[str, tuple[str, str 
     ivf = f"nprobe={min(nprobe, nlist)}"
     return {"Flat": ("Flat", None), "SQfp16": ("SQfp16", None), "HNSW32": ("HNSW32", "efSearch=128"),
             "IVF,Flat": (f"IVF{nlist},Flat", ivf), "IVF,PQ": (f"IVF{nlist},PQ{dim // 8}", ivf),
+            "IVF,PQquarter": (f"IVF{nlist},PQ{dim // 4}", ivf),
             "IVF,PQhalf": (f"IVF{nlist},PQ{dim // 2}", ivf), "IVF,PQfs": (f"IVF{nlist},PQ{dim}x4fs", ivf),
             "IVF,SQ8": (f"IVF{nlist},SQ8", ivf),
             "IVF,SQ6": (f"IVF{nlist},SQ6", ivf), "IVF,SQ4": (f"IVF{nlist},SQ4", ivf)}
@@ -115,6 +123,17 @@ def query_batch(n: int, dim: int, seed: int, spread: float) -> torch.Tensor:
     return chunk_rows(centres(n, dim, seed), 0, QUERIES, seed + 7919, spread)
 
 
+def anon_rss_gb() -> float:
+    """Resident memory of this process that is not mapped from files (Linux; NaN elsewhere), GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
     import torch.distributed as dist
 
@@ -132,10 +151,11 @@ def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
         q = query_batch(n, dim, seed, spread)
     mine = q[rank * QUERIES // world: (rank + 1) * QUERIES // world]
     bank = FaissNegativeBank("faiss", "cpu", index=args["spec"], search_params=args["params"], shard=True,
-                             recall_queries=0)
+                             recall_queries=0, rerank=args["rerank"], rows_dir=args["rows_dir"])
     dist.barrier()
     start = time.perf_counter()
     bank.refresh(emb, step=0, normalized=True)
+    del emb  # on disk the bank holds its own copy; in memory it keeps this one
     bank.candidates(mine[:1], 1)  # builds (trains, fills) the index
     build = time.perf_counter() - start
     times = []
@@ -146,10 +166,11 @@ def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
         times.append(time.perf_counter() - t)
     top16, vectors16 = bank.candidates(mine, RECALL_K)
     unit = torch.nn.functional.normalize(mine, dim=1).unsqueeze(1)  # exact scores of what came back
-    row_bytes = bank.embeddings.element_size() * bank.embeddings.numel()
-    rec = {"rank": rank, "held": emb.shape[0], "build_s": build, "search_s": statistics.median(times),
+    held = bank.embeddings.shape[0]
+    row_bytes = 0 if args["rows_dir"] else bank.embeddings.element_size() * bank.embeddings.numel()
+    rec = {"rank": rank, "held": held, "build_s": build, "search_s": statistics.median(times),
            "row_bytes": row_bytes, "index_bytes": bank.index.nbytes(),
-           "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "anon_gb": anon_rss_gb(),
            "ids64": ids.tolist(), "ids16": top16.tolist(), "scores64": (unit * vectors).sum(-1).tolist(),
            "scores16": (unit * vectors16).sum(-1).tolist()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(rec))
@@ -157,16 +178,17 @@ def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:
 
 
 def run(n: int, dim: int, world: int, name: str, spec: str, params: str | None, seed: int, spread: float,
-        repeats: int, embeddings: str | None = None) -> dict:
+        repeats: int, embeddings: str | None = None, rerank: int = 1, rows_dir: str | None = None) -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         args = {"n": n, "dim": dim, "seed": seed, "spread": spread, "spec": spec, "params": params,
-                "repeats": repeats, "embeddings": embeddings}
+                "repeats": repeats, "embeddings": embeddings, "rerank": rerank, "rows_dir": rows_dir}
         mp.spawn(_worker, args=(world, str(Path(tmp, "init")), args, tmp), nprocs=world, join=True)
         recs = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
     held = max(r["held"] for r in recs)
-    return {"name": name, "spec": spec, "params": params, "world": world,
+    return {"name": name, "spec": spec, "params": params, "world": world, "rerank": rerank,
+            "rows": "disk" if rows_dir else "memory", "anon_gb": max(r["anon_gb"] for r in recs),
             "build_s": max(r["build_s"] for r in recs), "search_s": max(r["search_s"] for r in recs),
             "bytes_per_vector": max((r["row_bytes"] + r["index_bytes"]) / max(r["held"], 1) for r in recs),
             "index_bytes_per_vector": max(r["index_bytes"] / max(r["held"], 1) for r in recs),
@@ -223,11 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--indexes", default="Flat,SQfp16,HNSW32,IVF+Flat,IVF+PQ",
-                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ, IVF+PQhalf, IVF+PQfs, "
+                   help="comma-separated names among Flat, SQfp16, HNSW32, IVF+Flat, IVF+PQ, IVF+PQquarter, "
+                        "IVF+PQhalf, IVF+PQfs, "
                         "IVF+SQ8, IVF+SQ6, IVF+SQ4")
     p.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query")
     p.add_argument("--embeddings", metavar="FILE", help="real rows: a saved (N, D) float tensor (replaces the "
                    "synthetic rows; --vectors and --dim are then read from it)")
+    p.add_argument("--rerank", type=int, default=1, metavar="F",
+                   help="approximate types: shortlist F x the rows asked for, ordered by exact scores (1 = off)")
+    p.add_argument("--rows-dir", metavar="DIR", help="approximate types: the bank's rows in a memory-mapped file "
+                   "in DIR (bank.rows_dir), the codes alone in memory")
     p.add_argument("--check-exact", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -235,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--calibrate", type=int, default=0, metavar="DOCS")
     a = p.parse_args(argv)
+    if a.rerank < 1:
+        p.error(f"--rerank must be >= 1 (1 = off), got {a.rerank}")
     if a.calibrate:
         calibrate(a.calibrate, a.seed)
         return 0
@@ -256,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         spec, params = types[name]
         for world in worlds:
-            r = run(a.vectors, a.dim, world, name, spec, params, a.seed, a.spread, a.repeats, a.embeddings)
+            coded = name != "Flat"  # the exact reference keeps its rows in memory and its own scores
+            r = run(a.vectors, a.dim, world, name, spec, params, a.seed, a.spread, a.repeats, a.embeddings,
+                    rerank=a.rerank if coded else 1, rows_dir=a.rows_dir if coded else None)
             if name == "Flat" and world == 1:
                 exact = r
             r["recall16"] = recall(r["scores16"], exact["scores16"])
@@ -265,10 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['bytes_per_vector']:.0f} B/vector, recall@16 {r['recall16']:.3f}", flush=True)
     ok = all(same_candidates(r["ids64"], r["scores64"], exact["ids64"], exact["scores64"])
              for r in results if r["name"] == "Flat")
-    header = ["N", "index", "params", "processes", "build s", "bytes/vector/process (rows + index)",
-              "index bytes/vector", "peak RSS GB/process", "search ms / 64 queries, k=64", "recall@16"]
-    rows = [[f"{a.vectors:,}", r["spec"], r["params"] or "-", r["world"], f"{r['build_s']:.1f}",
-             f"{r['bytes_per_vector']:.0f}", f"{r['index_bytes_per_vector']:.0f}", f"{r['rss_gb']:.2f}",
+    header = ["N", "index", "params", "re-rank", "rows", "processes", "build s",
+              "bytes/vector/process in memory (rows + index)", "index bytes/vector", "peak RSS GB/process",
+              "anon RSS GB/process", "search ms / 64 queries, k=64", "recall@16"]
+    rows = [[f"{a.vectors:,}", r["spec"], r["params"] or "-", f"{r['rerank']}x" if r["rerank"] > 1 else "-",
+             r["rows"], r["world"], f"{r['build_s']:.1f}", f"{r['bytes_per_vector']:.0f}",
+             f"{r['index_bytes_per_vector']:.0f}", f"{r['rss_gb']:.2f}", f"{r['anon_gb']:.2f}",
              f"{1e3 * r['search_s']:.1f}", f"{r['recall16']:.3f}"] for r in results]
     table = markdown_table(header, rows)
     print(table)

@@ -158,7 +158,8 @@ class ContrastiveCore(nn.Module):
             self.bank = FaissNegativeBank(bank.backend, bank.device, index=bank.index,
                                           search_params=bank.search_params, shard=bank.shard,
                                           drift_correction=bank.drift_correction,
-                                          recall_queries=bank.recall_queries,
+                                          recall_queries=bank.recall_queries, rerank=bank.rerank,
+                                          rows_dir=bank.rows_dir,
                                           recall_k=max(1, bank.candidates + bank.mined_negatives))
 
     def _use_bank(self, source: BankSource) -> None:

@@ -24,8 +24,23 @@ def test_real_embeddings_sharded_flat_equals_one_process(tmp_path, capsys):
     assert bank_scale.main(["--embeddings", str(path), "--processes", "2", "--indexes", "Flat", "--check-exact",
                             "--repeats", "1", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert "| 536 | Flat | - | 2 |" in out  # 600 rows - 64 held-out queries, 2 processes
+    assert "| 536 | Flat | - | - | memory | 2 |" in out  # 600 rows - 64 held-out queries, 2 processes
     assert "sharded flat candidates equal one process's: yes" in out
+
+
+def test_codes_in_memory_rows_on_disk_reranked_over_every_row_find_the_exact_neighbours(tmp_path, capsys):
+    path = tmp_path / "emb.pt"
+    torch.save(clustered(600, 32), path)
+    rows_dir = tmp_path / "rows"
+    assert bank_scale.main(["--embeddings", str(path), "--processes", "2", "--indexes", "IVF+PQ", "--nprobe", "64",
+                            "--rerank", "1000", "--rows-dir", str(rows_dir), "--repeats", "1", "--no-write"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 536 | IVF")]
+    assert len(table) == 2, table  # 1 and 2 processes
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == "IVF32,PQ4" and cells[3:5] == ["1000x", "disk"], cells
+        assert cells[7] == cells[8] and cells[-1] == "1.000", cells  # in memory: the index alone
+    assert list(rows_dir.iterdir()) == []  # nothing left on disk
 
 
 def test_real_rows_hold_out_the_queries(tmp_path):

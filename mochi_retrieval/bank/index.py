@@ -6,6 +6,9 @@ any FAISS ``index_factory`` string (``"IVF1024,Flat"``, ``"HNSW32"``, ``"IVF1024
 - Any other string is a cache of the rows in FAISS's codes: trained (when the type needs it) and filled at
   each :meth:`BankIndex.reset` (a refresh), and patched for the rows written since: in place for IVF types,
   by re-adding every row (no retraining) for the others (HNSW cannot remove).
+- ``rerank`` = F > 1 (code indexes): the codes shortlist F x kk rows per query and the rows' exact scores
+  order them (:func:`rerank_exact`): the recall of the lists, at the memory of the codes, when the rows are
+  memory-mapped from disk (``BankRows(rows_dir=...)``) and only the shortlisted ones are read.
 
 Row numbers are the positions in the rows tensor; a sharded bank maps them to global rows itself.
 """
@@ -63,14 +66,20 @@ class BankIndex:
         use_gpu: FAISS on the GPU (faiss-gpu), or torch on CUDA.
         spec: a FAISS ``index_factory`` string; "Flat" = exact.
         search_params: a ``faiss.ParameterSpace`` string, e.g. "nprobe=64" or "efSearch=128"; None = defaults.
+        rerank: F > 1: the index shortlists F times the rows asked for and exact scores over the rows order
+            them; 1 = the index's own scores (an approximate index's scores are approximate).
     """
 
-    def __init__(self, backend: str, use_gpu: bool, spec: str = "Flat", search_params: str | None = None) -> None:
+    def __init__(self, backend: str, use_gpu: bool, spec: str = "Flat", search_params: str | None = None,
+                 rerank: int = 1) -> None:
         if backend == "torch" and spec != "Flat":
             raise ValueError(f"bank.index={spec!r} needs bank.backend='faiss' (the torch backend is the exact "
                              "oracle: bank.index='Flat')")
+        if not isinstance(rerank, int) or rerank < 1:
+            raise ValueError(f"bank.rerank must be an int >= 1 (1 = off), got {rerank!r}")
         check_index_spec(spec, search_params)
         self.backend, self.use_gpu, self.spec, self.search_params = backend, use_gpu, spec, search_params
+        self.rerank = rerank
         self._index = None
         self._full = True  # every row must be (re)added (a refresh): retrain, refill
         self._changed: list[Tensor] = []  # rows written since the last fill
@@ -102,6 +111,9 @@ class BankIndex:
         if self.exact and kk > FAISS_GPU_MAX_K:  # GPU cap; search.py runs it on a CPU flat index
             return search(queries.cpu(), embeddings, kk, backend="faiss", use_gpu=False)
         self._update(embeddings)
+        if self.rerank > 1 and not self.exact:
+            _, short = self._index.search(q, min(embeddings.shape[0], kk * self.rerank))
+            return rerank_exact(queries.detach().cpu().float(), embeddings, torch.from_numpy(short), kk)
         s, i = self._index.search(q, kk)
         return torch.from_numpy(s), torch.from_numpy(i)
 
@@ -190,6 +202,29 @@ class BankIndex:
             return int(faiss.serialize_index(self._index).nbytes)
         except RuntimeError:  # a GPU index: its size on the CPU
             return int(faiss.serialize_index(faiss.index_gpu_to_cpu(self._index)).nbytes)
+
+
+MISSING_SCORE = float(torch.finfo(torch.float32).min)  # FAISS's score for an empty slot (id -1), inner product
+
+
+def rerank_exact(queries: Tensor, rows: Tensor, shortlist: Tensor, kk: int,
+                 chunk_floats: int = 1 << 24) -> tuple[Tensor, Tensor]:
+    """Order an index's shortlist by exact scores: (b, D) queries, (n, D) rows, (b, m) shortlisted row numbers
+    (-1 = empty) -> scores, rows (b, kk) on the CPU, best first, -1 (score ``MISSING_SCORE``) past the
+    shortlist. Only the shortlisted rows are read (a memory-mapped bank reads b x m rows from disk), in
+    chunks of queries holding at most ``chunk_floats`` floats."""
+    b, m = shortlist.shape
+    scores, found = torch.full((b, kk), MISSING_SCORE), torch.full((b, kk), -1, dtype=torch.long)
+    step = max(1, chunk_floats // max(1, m * rows.shape[1]))
+    for start in range(0, b, step):
+        ids = shortlist[start:start + step]
+        picked = rows[ids.clamp(min=0).reshape(-1)].to("cpu", torch.float32).reshape(*ids.shape, -1)
+        exact = torch.einsum("bd,bmd->bm", queries[start:start + step], picked).masked_fill(ids < 0, MISSING_SCORE)
+        top = min(kk, m)
+        s, order = exact.topk(top, dim=1)
+        scores[start:start + step, :top] = s
+        found[start:start + step, :top] = torch.where(s > MISSING_SCORE, ids.gather(1, order), -1)
+    return scores, found
 
 
 def _training_rows(faiss, index) -> int:

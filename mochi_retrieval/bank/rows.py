@@ -4,9 +4,18 @@
 Sharded over W processes, process r owns the rows ``r, r + W, r + 2W, ...`` (strided, so that a rolling slice
 in row order is spread evenly over the processes): it holds their embeddings and stamps, (ceil((N - r) / W), D)
 and (ceil((N - r) / W),), at local positions ``row // W``. The ids and groups (N,) are small and stay
-replicated: every process resolves ids to rows and applies the exclusions of every query."""
+replicated: every process resolves ids to rows and applies the exclusions of every query.
+
+With ``rows_dir`` the embeddings live in a memory-mapped file there instead of the process's memory (an
+unlinked temporary file: the disk space goes with the process): pages are read when touched and the OS keeps
+what fits. Searched through a code index with re-ranking, a step reads only its shortlisted rows."""
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,8 +35,12 @@ class BankRows:
         world, rank: the layout: process ``rank`` of ``world`` holds rows ``rank::world``.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", rows_dir: str | Path | None = None) -> None:
         self.device = torch.device(device)
+        if rows_dir is not None and self.device.type != "cpu":
+            raise ValueError(f"bank.rows_dir keeps the rows in a file mapped into CPU memory; the rows here live on "
+                             f"{self.device} (bank.backend='torch' on a GPU): use bank.backend='faiss'")
+        self.rows_dir = None if rows_dir is None else Path(rows_dir)
         self.world, self.rank, self.total = 1, 0, 0
         self.embeddings = torch.empty(0, 0)
         self.ids: Tensor | None = None
@@ -80,9 +93,34 @@ class BankRows:
         self.ids = ids
         self.groups = None if groups is None else groups.detach().reshape(-1).to(self.device, torch.long)
         self.world, self.rank, self.total = world, rank, n
-        emb = embeddings.detach().to(self.device)
-        self.embeddings = emb.float().contiguous() if normalized else l2_normalize(emb)
+        if self.rows_dir is not None:
+            self.embeddings = self._on_disk(embeddings.detach(), normalized)
+        else:
+            emb = embeddings.detach().to(self.device)
+            self.embeddings = emb.float().contiguous() if normalized else l2_normalize(emb)
         self.stamps = torch.full((held,), stamp, dtype=torch.long)
+
+    def _on_disk(self, embeddings: Tensor, normalized: bool, chunk: int = 65_536) -> Tensor:
+        """(n, D) float32 unit rows in a new memory-mapped file under ``rows_dir``, filled ``chunk`` rows at a
+        time (no second copy in memory). The file is unlinked at once: the mapping keeps it until the tensor is
+        freed, and the previous rows' file (still mapped by whoever holds those rows) is left alone."""
+        try:
+            self.rows_dir.mkdir(parents=True, exist_ok=True)
+            handle, path = tempfile.mkstemp(prefix="bank-rows-", suffix=".f32", dir=self.rows_dir)
+        except OSError as err:
+            raise ValueError(f"bank.rows_dir={str(self.rows_dir)!r}: cannot create the rows' file there ({err})") \
+                from None
+        n, dim = embeddings.shape
+        try:
+            mapped = np.memmap(path, dtype=np.float32, mode="w+", shape=(max(n, 1), dim))[:n]
+        finally:
+            os.close(handle)
+            os.unlink(path)
+        out = torch.from_numpy(mapped)
+        for start in range(0, n, chunk):
+            part = embeddings[start:start + chunk].to("cpu", torch.float32)
+            out[start:start + chunk] = part if normalized else l2_normalize(part)
+        return out
 
     def write(self, rows: Tensor, embeddings: Tensor, stamp: int) -> Tensor:
         """Overwrite ``rows`` (n,) CPU global row numbers with ``embeddings`` (n, D), normalised here; a shard

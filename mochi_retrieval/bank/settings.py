@@ -56,6 +56,12 @@ class BankSettings:
             backend="faiss" unless "Flat".
         search_params: the index's search settings as a ``faiss.ParameterSpace`` string, e.g. "nprobe=64"
             (IVF) or "efSearch=128" (HNSW); null = FAISS's defaults.
+        rerank: F > 1 with an approximate ``index``: the index shortlists F times the rows a search needs and
+            their exact scores (from the rows) order them, so the codes only have to find the neighbours, not
+            rank them: recall close to the lists' own at the memory of the codes (with ``rows_dir``); 1 = off.
+        rows_dir: a folder where the bank keeps its rows in a memory-mapped file (unlinked: nothing is left
+            there after the run) instead of the process's memory; with a code ``index`` and ``rerank`` a
+            search reads only the shortlisted rows from it. null = rows in memory.
         recall_queries: at each refresh, measure the share of the exact top (candidates + mined_negatives)
             that the index returns on this many of the bank's own rows (monitor ``bank_index_recall``; exact
             indexes report 1); 0 = off.
@@ -84,6 +90,8 @@ class BankSettings:
     shard: bool = False
     index: str = "Flat"
     search_params: str | None = None
+    rerank: int = 1
+    rows_dir: str | None = None
     recall_queries: int = 64
 
     def __post_init__(self) -> None:
@@ -99,6 +107,14 @@ class BankSettings:
         require(self.encode_batch_size >= 1, "encode_batch_size", ">= 1", self.encode_batch_size)
         require(self.max_similarity is None or -1.0 <= self.max_similarity <= 1.0, "max_similarity",
                 "in [-1, 1] or null", self.max_similarity)
+        require(isinstance(self.rerank, int) and self.rerank >= 1, "rerank", "an int >= 1 (1 = off)", self.rerank)
+        require(self.rerank == 1 or self.index != "Flat", "rerank",
+                "1 with bank.index='Flat' (its scores are exact already); re-ranking orders a code index's shortlist",
+                self.rerank)
+        require(self.rows_dir is None or (isinstance(self.rows_dir, str) and bool(self.rows_dir.strip())),
+                "rows_dir", "a folder path or null", self.rows_dir)
+        require(self.rows_dir is None or self.backend == "faiss", "rows_dir",
+                "null with backend='torch' (the exact oracle keeps its rows where it searches them)", self.rows_dir)
         require(self.recall_queries >= 0, "recall_queries", ">= 0 (0 = off)", self.recall_queries)
         require(self.backend == "faiss" or self.index == "Flat", "index",
                 "'Flat' with backend='torch' (the exact oracle); other index types need backend='faiss'", self.index)

@@ -68,11 +68,16 @@ class FaissNegativeBank:
             being the space's mean move since the row was embedded, measured on the rows a rolling refresh
             re-embeds (:mod:`.drift`). Needs the exact index and an unsharded bank: every row's estimate
             moves with m(now).
+        rerank: F > 1 with a code index: the index shortlists F times the rows a search needs and the rows'
+            exact scores order them (:func:`.index.rerank_exact`).
+        rows_dir: keep the rows in a memory-mapped file in this folder instead of memory (:class:`.rows.BankRows`):
+            with a code index and ``rerank``, the process holds the codes and reads only shortlisted rows.
     """
 
     def __init__(self, backend: Literal["faiss", "torch"] = "faiss", device: Device = "cpu", slack: int = 32, *,
                  index: str = "Flat", search_params: str | None = None, shard: bool = False,
-                 recall_queries: int = 64, recall_k: int = 16, drift_correction: bool = False) -> None:
+                 recall_queries: int = 64, recall_k: int = 16, drift_correction: bool = False,
+                 rerank: int = 1, rows_dir: str | None = None) -> None:
         if backend not in ("faiss", "torch"):
             raise ValueError(f"unknown bank backend {backend!r}; use 'faiss' or 'torch'")
         if device not in ("auto", "cpu", "cuda"):
@@ -82,8 +87,8 @@ class FaissNegativeBank:
                              f"index={index!r}, shard={shard}): every row's estimate moves with each measurement")
         self.backend, self.slack, self.shard = backend, max(0, int(slack)), shard
         self.use_gpu = self._resolve_gpu(backend, device)
-        self.rows = BankRows("cuda" if self.use_gpu and backend == "torch" else "cpu")
-        self.index = BankIndex(backend, self.use_gpu, index, search_params)
+        self.rows = BankRows("cuda" if self.use_gpu and backend == "torch" else "cpu", rows_dir=rows_dir)
+        self.index = BankIndex(backend, self.use_gpu, index, search_params, rerank=rerank)
         self.recall_queries, self.recall_k = recall_queries, recall_k
         self.last_refresh_seconds = 0.0
         self.last_search_rounds = 0
