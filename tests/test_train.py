@@ -97,6 +97,29 @@ def test_checkpoint_of_another_config_is_refused(tiny_fmnist_dir, tmp_path, caps
     assert code == 1 and "another configuration" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_while_the_run_keeps_its_default(
+        tiny_fmnist_dir, tmp_path, capsys, caplog):
+    """A library update adds settings (bank.rerank, bank.rows_dir here): a checkpoint whose fingerprint lacks
+    them resumes when the run leaves them at their defaults, and is refused when it sets one."""
+    out = tmp_path / "run"
+    short = {"eval.linear_probe": "false", "train.checkpoint_every_steps": 1}
+    assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, out, **short, **{"train.max_steps": 1})]) == 0
+    path = out / "checkpoints" / "step-00000001.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    older = json.loads(state["fingerprint"])
+    for key in ("rerank", "rows_dir"):
+        del older["bank"][key]
+    state["fingerprint"] = json.dumps(older, sort_keys=True)
+    torch.save(state, path)
+    refused = train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, out, **short,
+                                                       **{"train.max_steps": 2, "bank.rows_dir": str(tmp_path)})])
+    assert refused == 1 and "another configuration" in capsys.readouterr().err
+    with caplog.at_level("INFO"):
+        assert train.main([str(CONFIG), *tiny_overrides(tiny_fmnist_dir, out, **short,
+                                                        **{"train.max_steps": 2})]) == 0
+    assert "resum" in caplog.text.lower() and "step-00000001.pt" in caplog.text
+
+
 class NaNAfter(torch.nn.Module):
     """A tiny encoder whose output turns NaN once it has run ``calls`` training forwards."""
 

@@ -153,6 +153,9 @@ class Trainer:
         output_dir: checkpoints, logs and plots go here.
         fingerprint: a dict identifying the run's configuration; a checkpoint
             with another fingerprint is refused on resume.
+        fingerprint_defaults: the fingerprint of the default configuration: entries equal to it are left
+            out of that comparison (:func:`without_defaults`), so settings added after a checkpoint was
+            written do not refuse it while the run leaves them at their defaults.
         step_hook: called as ``hook(step, batch, out)`` on the main process every
             ``diagnostics_every`` steps; returns extra scalars to log.
         epoch_hook: called as ``hook(epoch)`` after each epoch; returns scalars.
@@ -165,11 +168,13 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: TrainData, settings: TrainerSettings, accelerator,
                  output_dir: str | Path, fingerprint: dict[str, Any] | None = None,
+                 fingerprint_defaults: dict[str, Any] | None = None,
                  step_hook: Callable[..., dict[str, float]] | None = None,
                  epoch_hook: Callable[[int], dict[str, float]] | None = None) -> None:
         self.s, self.acc, self.data = settings, accelerator, data
         self.out = Path(output_dir)
         self.fingerprint = fingerprint or {}
+        self.fingerprint_defaults = fingerprint_defaults or {}
         self.step_hook, self.epoch_hook = step_hook, epoch_hook
         if data.steps_per_epoch < settings.grad_accum_steps:
             raise ValueError(f"an epoch has {data.steps_per_epoch} batches, fewer than "
@@ -276,7 +281,9 @@ class Trainer:
                               "train.resume=false:\n  " + "\n  ".join(str(e) for e in errors))
 
     def _load_state(self, path: Path, state: dict[str, Any]) -> None:
-        if state["fingerprint"] != json.dumps(self.fingerprint, sort_keys=True):
+        as_saved = json.loads(json.dumps(self.fingerprint))  # JSON's types (tuples are lists there)
+        defaults = json.loads(json.dumps(self.fingerprint_defaults))
+        if without_defaults(json.loads(state["fingerprint"]), defaults) != without_defaults(as_saved, defaults):
             raise ValueError(
                 f"checkpoint {path} was written by another configuration; use a new output_dir or train.resume=false\n"
                 f"  checkpoint: {state['fingerprint']}\n  this run:   {json.dumps(self.fingerprint, sort_keys=True)}")
@@ -482,3 +489,21 @@ class Trainer:
             record.update(self.step_hook(step, batch, out))
         self._log(record)
         return record
+
+
+def without_defaults(found: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``found`` without the entries equal to ``defaults`` (section by section, one level down): what a
+    checkpoint's fingerprint and a run's must agree on."""
+    out = {}
+    for key, value in found.items():
+        default = defaults.get(key, _ABSENT)
+        if isinstance(value, dict) and isinstance(default, dict):
+            kept = {k: v for k, v in value.items() if default.get(k, _ABSENT) != v}
+            if kept:
+                out[key] = kept
+        elif value != default:
+            out[key] = value
+    return out
+
+
+_ABSENT = object()

@@ -67,6 +67,12 @@ def fingerprint(cfg: ExperimentConfig) -> dict[str, Any]:
     return found
 
 
+def default_fingerprint() -> dict[str, Any]:
+    """The fingerprint of the library's default config: a setting at its default is left out of the
+    comparison on resume, so a checkpoint written before the setting existed still resumes."""
+    return fingerprint(ExperimentConfig())
+
+
 def local_batch(cfg: ExperimentConfig) -> int:
     """Items per micro-batch summed over processes (``train.batch_size / train.grad_accum_steps``)."""
     t = cfg.train

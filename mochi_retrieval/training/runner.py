@@ -11,7 +11,7 @@ import torch
 from ..config import ExperimentConfig, save_config
 from .host_memory import keep_freed_host_memory
 from .loop import Trainer, TrainingInterrupted
-from .recipe import fingerprint, recipe_for, settings_from
+from .recipe import default_fingerprint, fingerprint, recipe_for, settings_from
 
 
 def run(cfg: ExperimentConfig) -> dict[str, float]:
@@ -42,6 +42,7 @@ def run(cfg: ExperimentConfig) -> dict[str, float]:
     recipe = recipe_for(cfg)
     data, model = recipe.build(accelerator)
     trainer = Trainer(model, data, settings_from(cfg), accelerator, out, fingerprint=fingerprint(cfg),
+                      fingerprint_defaults=default_fingerprint(),
                       step_hook=recipe.step_hook(), epoch_hook=recipe.epoch_hook(model))
     start = time.perf_counter()
     try:
