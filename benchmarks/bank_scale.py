@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, markdown_table  # noqa: E402
+from common import append_results, markdown_table, status_kib  # noqa: E402
 
 from mochi_retrieval.bank.store import TIE  # noqa: E402  (the bank's recall monitor counts ties the same way)
 
@@ -126,12 +126,9 @@ def query_batch(n: int, dim: int, seed: int, spread: float) -> torch.Tensor:
 def anon_rss_gb() -> float:
     """Resident memory of this process that is not mapped from files (Linux; NaN elsewhere), GB."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return float("nan")
+        return status_kib("RssAnon") / 2**20
+    except (OSError, RuntimeError):
+        return float("nan")
 
 
 def _worker(rank: int, world: int, init: str, args: dict, out: str) -> None:

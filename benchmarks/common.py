@@ -92,3 +92,12 @@ def training_step(model: torch.nn.Module, lr: float, batches: list[dict]) -> Cal
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux): "VmRSS", "VmHWM", "RssAnon", ..."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -20,7 +20,7 @@ import multiprocessing as mp
 
 import torch
 import torch.nn.functional as F
-from common import append_results, interleaved_medians, markdown_table
+from common import append_results, interleaved_medians, markdown_table, status_kib
 
 from mochi_retrieval.loss import MoCHiConfig, contrastive_loss, info_nce_from_logits
 from mochi_retrieval.mixing import sample_plan, synthesize
@@ -83,17 +83,9 @@ def _peak_worker(args, name, device, out):
         # ru_maxrss survives fork+exec, so reset the high-water mark instead.
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         head()
-        out.put((_status_kib("VmHWM") - before) / 1024)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+        out.put((status_kib("VmHWM") - before) / 1024)
 
 
 def peak_mib(args, name, device) -> float:
