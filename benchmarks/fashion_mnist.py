@@ -32,7 +32,10 @@ Rows (``--rows``, the first five by default):
   detection, flagged entries eliminated), ``fnc_attr`` / ``fnc_attr_mochi`` (flagged entries attracted as
   positives), ``nn_pos`` / ``nn_pos_mochi`` (the queue entry nearest the key replaces it as the positive,
   NNCLR). Paired by seed against ``moco`` / ``mochi`` and the oracle rows; their step time is measured side
-  by side against MoCo's (support views included).
+  by side against MoCo's (support views included);
+- ``fnc_attr_oracle`` / ``fnc_elim_oracle`` (only when named): the control that separates the detector from
+  the handling: the same flags kept only where labels say they are the query's class
+  (``false_negatives.oracle=true``, precision 1 at the detector's ranking).
 
 A full table is hours of CPU. ``--reuse`` takes a row from an earlier invocation's run folder
 (``<out>/<row>_seed<seed>/bench.json``) when that run's resolved config equals this one's (output
@@ -89,6 +92,12 @@ FN_ROWS = {
 }
 for _key, (_name, _handling, _mochi) in FN_ROWS.items():
     ROWS[_key] = (_name, [f"mochi.enabled={str(_mochi).lower()}", f"false_negatives.handling={_handling}"])
+# The control that separates the detector from the handling: attraction (elimination) at the detector's
+# ranking with its flags kept only where labels say they are the query's class (precision 1).
+ROWS["fnc_attr_oracle"] = ("MoCo-v2 + FNC attraction, labels filter the flags", ROWS["fnc_attr"][1] + [
+    "false_negatives.oracle=true"])
+ROWS["fnc_elim_oracle"] = ("MoCo-v2 + FNC elimination, labels filter the flags", ROWS["fnc_elim"][1] + [
+    "false_negatives.oracle=true"])
 DEFAULT_ROWS = ("moco", "mochi", "oracle", "moco_oracle", "bank")
 #: Differences reported paired by seed (row, baseline): MoCHi's effect with and without false negatives in its
 #: pool, what the false negatives cost, what the bank adds (with and without its false negatives), and the
@@ -98,6 +107,8 @@ PAIRS = (("mochi", "moco"), ("oracle", "moco_oracle"), ("oracle", "mochi"), ("mo
          ("copies", "moco"),
          # each false-negative handling against MoCo-v2, its MoCHi twin against it and against MoCHi
          *((key, "moco") for key in FN_ROWS if not key.endswith("_mochi")),
+         ("fnc_attr_oracle", "moco"), ("fnc_attr_oracle", "fnc_attr"), ("fnc_elim_oracle", "moco"),
+         ("fnc_elim_oracle", "fnc_elim"),
          *(pair for key in FN_ROWS if key.endswith("_mochi") for pair in ((key, key[: -len("_mochi")]),
                                                                           (key, "mochi"))))
 #: Training monitors reported at the end of a run (means over its last epoch's log records).

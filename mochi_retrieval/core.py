@@ -261,7 +261,8 @@ class ContrastiveCore(nn.Module):
     def contrastive_step(self, q: Tensor, k: Tensor, sources: Sequence[Source], *, ids: Tensor | None,
                          groups: Tensor | None, epoch: float, step: int | None, documents_grad: bool = False,
                          dedupe: bool = True, max_neg_pos_ratio: float | None = None,
-                         support: Tensor | None = None) -> tuple[ContrastiveOutput, Tensor]:
+                         support: Tensor | None = None,
+                         same_class: Tensor | None = None) -> tuple[ContrastiveOutput, Tensor]:
         """Mask, loss, key writes: returns the output (logits, plan) and the loss to back-propagate.
 
         The blocks must be built before this call: the key writes overwrite queue and bank entries.
@@ -275,6 +276,8 @@ class ContrastiveCore(nn.Module):
             documents_grad: whether documents share the query encoder (and get gradient).
             dedupe, max_neg_pos_ratio: see :func:`~mochi_retrieval.negatives.negative_mask`.
             support: (S, B, D) unit support views of the B images (false-negative detection), or None.
+            same_class: (B, M) entries of the query's class, for the detector's label control
+                (``false_negatives.oracle``), or None.
         """
         mask = negative_mask(q, k, sources, dedupe=dedupe, max_neg_pos_ratio=max_neg_pos_ratio)
         self.cluster_masked = self._cluster_mask(k.detach(), sources, epoch, step)
@@ -287,7 +290,7 @@ class ContrastiveCore(nn.Module):
             if documents_grad:
                 raise ValueError("false-negative handling is an option of a momentum key network (images)")
             self.fn_step = false_negative_step(self.false_negatives, q, k, [s.vectors for s in sources], mask,
-                                               support, epoch)
+                                               support, epoch, same_class)
             if self.fn_step is not None:
                 mask, positives, k_loss = self.fn_step.mask, self.fn_step.positives, self.fn_step.positive_key
         generator = self._step_generator(step, q.device) if step is not None else None

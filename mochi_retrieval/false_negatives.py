@@ -20,6 +20,9 @@ whose aggregated score is above a threshold (:func:`flag_top_k`). Entries that o
   multi-positive loss). Either way the entry leaves the negatives and MoCHi's hard pool.
 
 Every option starts at ``start_epoch`` (an early queue holds near-random keys); before it the step is plain.
+
+``oracle`` is a control for experiments, not a label-free option: the detector's flags are kept only where
+the entry is the query's class, so a run measures the handling at the same ranking with precision 1.
 """
 from __future__ import annotations
 
@@ -63,6 +66,9 @@ class FalseNegativeConfig:
     nearest: Literal["replace", "join"] = "replace"
     """"nearest_positive": the nearest entry replaces the positive key (NNCLR), or joins it as a second
     positive (a two-positive InfoNCE)."""
+    oracle: bool = False
+    """A control that needs labels (not label-free): keep only the flagged entries of the query's class, so
+    the handling runs at the detector's ranking with precision 1 ("eliminate", "attract")."""
 
     def __post_init__(self) -> None:
         require(self.handling in HANDLINGS, "handling", " or ".join(repr(h) for h in HANDLINGS), self.handling)
@@ -75,6 +81,8 @@ class FalseNegativeConfig:
                 self.threshold)
         require(self.start_epoch >= 0, "start_epoch", ">= 0", self.start_epoch)
         require(self.nearest in ("replace", "join"), "nearest", "'replace' or 'join'", self.nearest)
+        require(not self.oracle or self.detects, "oracle", f"false with handling={self.handling!r} (it filters "
+                "the support-view detector's flags)", self.oracle)
 
     @property
     def enabled(self) -> bool:
@@ -160,7 +168,8 @@ def nearest_entry(k: Tensor, negatives: Negatives, excluded: Tensor) -> Tensor:
 
 
 def false_negative_step(cfg: FalseNegativeConfig, q: Tensor, k: Tensor, negatives: Negatives, mask: Tensor,
-                        support: Tensor | None, epoch: float) -> FalseNegativeStep | None:
+                        support: Tensor | None, epoch: float,
+                        same_class: Tensor | None = None) -> FalseNegativeStep | None:
     """This step's handling, or None (off, or before ``start_epoch``).
 
     Args:
@@ -168,6 +177,7 @@ def false_negative_step(cfg: FalseNegativeConfig, q: Tensor, k: Tensor, negative
         mask: (B, M) negatives already masked by the other rules (never flagged).
         support: (S, B, D) unit support views (may be None when only ``support_with_key`` is set, or for
             "nearest_positive").
+        same_class: (B, M) whether each entry is the query's class; needed (only) by ``cfg.oracle``.
     """
     if not cfg.active(epoch):
         return None
@@ -182,6 +192,12 @@ def false_negative_step(cfg: FalseNegativeConfig, q: Tensor, k: Tensor, negative
                 raise ValueError(f"false_negatives.handling={cfg.handling!r} needs support views (view_support)")
             scores = support_scores(torch.cat(views).float(), negatives, cfg.aggregate)
             flagged = flag_top_k(scores, mask, cfg.top_k, cfg.threshold)
+            if cfg.oracle:
+                if same_class is None or same_class.shape != flagged.shape:
+                    got = None if same_class is None else tuple(same_class.shape)
+                    raise ValueError("false_negatives.oracle needs the (B, M) same-class matrix of labelled "
+                                     f"queries and entries, got {got}")
+                flagged = flagged & same_class
             positives = flagged if cfg.handling == "attract" else None
             return FalseNegativeStep(flagged, mask | flagged, positives, k, query_scores)
         col = nearest_entry(k, negatives, mask)

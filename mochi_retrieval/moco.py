@@ -232,7 +232,8 @@ class MoCo(ContrastiveCore):
         queue_labels = sources[0].groups if len(sources) == 1 else torch.cat(  # the queue block holds a copy
             [s.per_query(s.groups.to(q.device), b) for s in sources], dim=1)
         out, loss = self.contrastive_step(q, k, sources, ids=ids, groups=labels, epoch=epoch, step=step, dedupe=False,
-                                          max_neg_pos_ratio=self.settings.max_neg_pos_ratio, support=support)
+                                          max_neg_pos_ratio=self.settings.max_neg_pos_ratio, support=support,
+                                          same_class=self._same_class(labels, queue_labels))
         result = {
             "loss": loss,
             "accuracy": out.accuracy,
@@ -256,6 +257,15 @@ class MoCo(ContrastiveCore):
             result.update(hard_idx=out.plan.hard_idx, pair_i=out.plan.pair_i, pair_j=out.plan.pair_j,
                           query_j=out.plan.query_j)
         return result
+
+    def _same_class(self, labels: torch.Tensor | None, entry_labels: torch.Tensor) -> torch.Tensor | None:
+        """(B, M) entries of the query's class, for ``false_negatives.oracle`` (the label control); else None."""
+        if self.false_negatives is None or not self.false_negatives.oracle:
+            return None
+        if labels is None:
+            raise ValueError("false_negatives.oracle: the batch carries no labels (it is a label control)")
+        entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand(labels.numel(), -1)
+        return (entries == labels.view(-1, 1)) & (entries != NO_ID)
 
     def _encode_support(self, view_support: torch.Tensor | None, epoch: float,
                         step: int | None) -> tuple[torch.Tensor | None, float | None]:

@@ -213,6 +213,36 @@ def test_model_loss_matches_the_handling_written_out(handling):
     torch.testing.assert_close(model.queue.keys[:4], k)
 
 
+@pytest.mark.parametrize("handling", ["eliminate", "attract"])
+def test_oracle_control_keeps_only_the_flags_of_the_querys_class(handling):
+    """``oracle``: the detector's top k, written out, filtered by the labels the queue holds; the loss is the
+    handling's written out on those flags, precision 1; without labels a clear error."""
+    model = make(handling, oracle=True, top_k=6)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 5, generator=g)
+    entry_labels = torch.arange(16) % 3
+    model(x, x, ids=torch.arange(16), labels=entry_labels, epoch=0.0, step=0)
+    x1, x2, xs = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(2, 4, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 0])
+    qnet, knet, queue = copy.deepcopy(model.query_net), copy.deepcopy(model.key_net), model.queue.keys.clone()
+    out = model(x1, x2, ids=torch.arange(20, 24), labels=labels, epoch=1.0, step=1, view_support=xs)
+    with torch.no_grad():
+        q, k = F.normalize(qnet(x1), dim=1), F.normalize(knet(x2), dim=1)
+        scores = torch.stack([F.normalize(knet(v), dim=1) @ queue.T for v in xs]).mean(0)
+    top = torch.zeros(4, 16, dtype=torch.bool).scatter_(1, torch.topk(scores, 6, dim=1).indices, True)
+    flagged = top & (entry_labels.view(1, -1) == labels.view(-1, 1))
+    assert torch.equal(model.fn_step.flagged, flagged) and flagged.any() and (top & ~flagged).any()
+    if handling == "eliminate":
+        logits = torch.cat([(q * k).sum(1, keepdim=True), (q @ queue.T).masked_fill(flagged, float("-inf"))], 1)
+        expected = -(logits / 0.3).log_softmax(1)[:, 0].mean()
+    else:
+        expected = multi_positive_reference(q, k, queue, flagged, 0.3)
+    torch.testing.assert_close(out["loss"], expected, atol=1e-5, rtol=1e-5)
+    assert out["monitors"]["fn_precision"].item() == 1.0
+    with pytest.raises(ValueError, match="false_negatives.oracle: the batch carries no labels"):
+        model(x1, x2, ids=torch.arange(20, 24), epoch=1.0, step=2, view_support=xs)
+
+
 @pytest.mark.parametrize("handling", ["eliminate", "attract", "nearest_positive"])
 def test_model_hard_pool_excludes_flagged_entries(handling):
     model = make(handling, mochi=MoCHiConfig(n_hard=12, n_mix=6, n_query_mix=2), top_k=4)
@@ -275,6 +305,7 @@ def test_monitors_on_a_constructed_labelled_case():
     ({"aggregate": "median"}, "false_negatives.aggregate"),
     ({"start_epoch": -1}, "false_negatives.start_epoch"),
     ({"nearest": "both"}, "false_negatives.nearest"),
+    ({"handling": "nearest_positive", "oracle": True}, "false_negatives.oracle"),
     ({"handling": "attract", "top_k": 4096}, "false_negatives.top_k"),
 ])
 def test_bad_settings_name_the_field(bad, key):
