@@ -208,6 +208,13 @@ def false_negative_step(cfg: FalseNegativeConfig, q: Tensor, k: Tensor, negative
         return FalseNegativeStep(flagged, mask | flagged, flagged, k, query_scores)
 
 
+def same_class(labels: Tensor, entry_labels: Tensor) -> Tensor:
+    """(B, M) whether each entry is the query's class; labels: (B,); entry_labels: (M,) or (B, M), -1 unknown
+    (never the query's class)."""
+    entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand(labels.numel(), -1)
+    return (entries == labels.view(-1, 1)) & (entries != NO_ID)
+
+
 @torch.no_grad()
 def detector_monitors(step: FalseNegativeStep, pos_logits: Tensor, temperature: float, labels: Tensor | None,
                       entry_labels: Tensor, top: int = RECALL_TOP) -> dict[str, Tensor]:
@@ -231,7 +238,7 @@ def detector_monitors(step: FalseNegativeStep, pos_logits: Tensor, temperature: 
         return stats
     entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand_as(flagged)
     known = entries != NO_ID
-    same = (entries == labels.view(-1, 1)) & known
+    same = same_class(labels, entries)
     stats["fn_precision"] = (same & flagged).sum() / (flagged & known).sum().clamp(min=1)
     n = min(top, scores.shape[1])
     top_idx = torch.topk(scores, n, dim=1).indices
@@ -242,4 +249,4 @@ def detector_monitors(step: FalseNegativeStep, pos_logits: Tensor, temperature: 
 
 
 __all__ = ["FalseNegativeConfig", "FalseNegativeStep", "RECALL_TOP", "detector_monitors", "false_negative_step",
-           "flag_top_k", "nearest_entry", "support_scores"]
+           "flag_top_k", "nearest_entry", "same_class", "support_scores"]

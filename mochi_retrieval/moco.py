@@ -20,9 +20,9 @@ from .bank import BankSettings, BankSource
 from .core import ContrastiveCore, MoCoConfig, no_ids
 from .encoders import EncoderWithHead, ProjectionHead, encoder_output_dim, make_momentum_copy
 from .encoders.split_bn import convert_split_batchnorm
-from .false_negatives import FalseNegativeConfig, detector_monitors
+from .false_negatives import FalseNegativeConfig, detector_monitors, same_class
 from .loss import MoCHiConfig
-from .negatives import NO_ID, Query
+from .negatives import Query
 
 
 class MoCo(ContrastiveCore):
@@ -264,8 +264,7 @@ class MoCo(ContrastiveCore):
             return None
         if labels is None:
             raise ValueError("false_negatives.oracle: the batch carries no labels (it is a label control)")
-        entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand(labels.numel(), -1)
-        return (entries == labels.view(-1, 1)) & (entries != NO_ID)
+        return same_class(labels, entry_labels)
 
     def _encode_support(self, view_support: torch.Tensor | None, epoch: float,
                         step: int | None) -> tuple[torch.Tensor | None, float | None]:
@@ -295,8 +294,6 @@ def cluster_monitors(masked: torch.Tensor, labels: torch.Tensor | None,
     share of those that are the query's class (its precision as a false-negative detector)."""
     stats = {"cluster_masked": masked.float().mean()}
     if labels is not None:
-        entries = entry_labels if entry_labels.dim() == 2 else entry_labels.view(1, -1).expand_as(masked)
-        same = (entries == labels.view(-1, 1)) & (entries != NO_ID)
-        stats["cluster_precision"] = (same & masked).sum() / masked.sum().clamp(min=1)
+        stats["cluster_precision"] = (same_class(labels, entry_labels) & masked).sum() / masked.sum().clamp(min=1)
     return stats
 

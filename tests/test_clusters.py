@@ -134,3 +134,18 @@ def test_centroids_refresh_on_schedule_and_travel_in_the_state_dict():
     resumed = make(start=0.0)
     resumed.load_state_dict(model.state_dict())
     assert torch.equal(resumed.fn_centroids, model.fn_centroids)
+
+
+def test_cluster_monitors_on_a_constructed_labelled_case():
+    """Query 0 (class 1) masks entries 0, 1 (classes 1, 0); query 1 (class 0) masks entry 3 (unknown class):
+    3 of 8 cells masked, 1 of the 3 masked entries the query's class."""
+    from mochi_retrieval.moco import cluster_monitors
+
+    masked = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    stats = cluster_monitors(masked, torch.tensor([1, 0]), torch.tensor([1, 0, 1, -1]))
+    assert stats["cluster_masked"].item() == pytest.approx(3 / 8)
+    assert stats["cluster_precision"].item() == pytest.approx(1 / 3)
+    per_query = torch.tensor([[1, 0, 1, -1], [0, 0, 1, -1]])  # (B, M) entry labels: query 1's entry 0 is class 0
+    masked[1, 0] = True
+    assert cluster_monitors(masked, torch.tensor([1, 0]), per_query)["cluster_precision"].item() == pytest.approx(2 / 4)
+    assert set(cluster_monitors(masked, None, per_query)) == {"cluster_masked"}
