@@ -73,7 +73,8 @@ OURS = {
     "ours_bank_mined3": BANK + ["bank.mined_negatives=3"],
     # The bank over the whole corpus (every document but the test split's): re-embedded whole every 50
     # steps, or kept by a rolling refresh (a slice of ceil(N / 1000) rows a step, no full refresh).
-    "ours_bank_all_full": BANK + ["bank.corpus=all"],
+    # Pinned: the config's own refresh became rolling on 2026-12-06, and this row must stay a full refresh.
+    "ours_bank_all_full": BANK + ["bank.corpus=all", "bank.refresh_every=50", "bank.max_staleness=0"],
     # The rolling refresh with the drift correction (stale rows ranked and served as their estimated fresh
     # embeddings): over the whole corpus, and over the pairs with ceil(N / 100) rows a step instead of a full
     # refresh every 50 steps (about 0.6x the re-embedding over this budget: issue 26's 15% encode share).
