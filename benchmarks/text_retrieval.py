@@ -28,6 +28,9 @@ by side)::
 
     python benchmarks/text_retrieval.py --seeds 0 1 2 --rows mnrl,st_mined,ours_bank
     python benchmarks/text_retrieval.py --summarize
+
+``--all-documents`` scores the saved models of rows already run with the test queries against every document
+of the corpus (60,906 for Debian), not only the split's; ``--summarize`` adds them as a table.
 """
 from __future__ import annotations
 
@@ -265,6 +268,45 @@ def _hit(cache_dir: str | None, before: set[Path], row: str) -> bool:
     return not added
 
 
+def all_documents(row: str, seed: int, steps: int, out_root: Path, overrides: list[str]) -> dict:
+    """Score a trained row's saved model (``OUT/ROW_seedS/model``; ``zero_shot``: the packaged MiniLM) with the
+    test queries against every document of the corpus (``eval.corpus=all``), not only the split's judged
+    ones; writes ``OUT/ROW_seedS/all_documents.json``."""
+    from mochi_retrieval.eval.models import load_model
+
+    out = out_root / f"{row}_seed{seed}"
+    cfg = load_config(CONFIG, [f"seed={seed}", f"train.max_steps={steps}", "eval.corpus=all", *overrides])
+    max_length = cfg.model.encoder_kwargs["max_length"]
+    folder = resolve_model_path(cfg.model.encoder_kwargs["model_path"]) if row == "zero_shot" else out / "model"
+    if not Path(folder).is_dir():
+        raise SystemExit(f"{row} seed {seed}: no saved model at {folder}; run the row first")
+    model = load_model(folder, "cpu", max_length=max_length)
+    evaluator = TextEvaluator(cfg, torch.device("cpu"))
+    split = evaluator.evaluator()  # for its sizes
+    start = time.perf_counter()
+    metrics = evaluator.score(model.encode_texts)
+    record = {"row": row, "seed": seed, **metrics, "documents": len(split.corpus),
+              "queries": len(split.queries), "max_length": max_length,
+              "seconds": time.perf_counter() - start}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "all_documents.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def all_documents_table(out_root: Path) -> str:
+    """The ``--all-documents`` records under ``out_root`` as a table (empty string if none)."""
+    records = [json.loads(p.read_text()) for p in sorted(out_root.glob("*_seed*/all_documents.json"))]
+    if not records:
+        return ""
+    order = {r: i for i, r in enumerate(ROWS)}
+    records.sort(key=lambda r: (order.get(r["row"], len(order)), r["seed"]))
+    table = [[r["row"], str(r["seed"]), *(f"{r[m]:.4f}" for m in METRICS)] for r in records]
+    return (f"\n\nThe test queries against all {records[0]['documents']:,} documents of the corpus (`--all-documents`, "
+            f"`eval.corpus=all`; the split's own documents and every training and unjudged one), one model each:\n\n"
+            + markdown_table(["row", "seed", *METRICS], table))
+
+
 def mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -304,7 +346,8 @@ def summarize(out_root: Path, write: bool, section: str = SECTION) -> str:
             f"(training + mining + bank refresh) seconds.\n\n"
             + markdown_table(["row", "seeds", *METRICS, "train pairs/s"], table)
             + "\n\nMonitors (mean over seeds; doc_mean_cosine on the test documents after training, the others "
-              "the last logged training window):\n\n" + markdown_table(["row", *MONITORS], monitors))
+              "the last logged training window):\n\n" + markdown_table(["row", *MONITORS], monitors)
+            + all_documents_table(out_root))
     print(body)
     if write:
         append_results(section, body)
@@ -323,6 +366,8 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("--cache-dir", help="cache the whole-corpus rows' corpus pass here (ours: bank.cache_dir; the "
                                        "peer: mine_hard_negatives' cache_folder); their pairs/s then leave the table")
+    p.add_argument("--all-documents", action="store_true",
+                   help="score the rows' saved models with the test queries against every corpus document")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every row")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -337,6 +382,9 @@ def main() -> None:
     for seed in args.seeds:
         for row in rows:
             if row == "zero_shot" and seed != args.seeds[0]:
+                continue
+            if args.all_documents:
+                all_documents(row, seed, args.steps, Path(args.out), args.overrides)
                 continue
             run_one(row, seed, args.steps, Path(args.out), args.overrides, args.cache_dir)
 

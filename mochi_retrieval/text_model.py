@@ -216,7 +216,7 @@ class TextMoCo(ContrastiveCore):
             key = key if world == 1 else f"{key}-shard{rank}of{world}"
             cached = bank_cache.load(self.bank_settings.cache_dir, key, len(held))
         emb = cached if cached is not None else self._embed(
-            [texts[i] for i in held], progress=progress or (kind == "initial" and len(texts) > 10_000),
+            [texts[i] for i in held], progress=progress or len(texts) > 10_000,  # a long pass, initial or full
             desc=f"bank {kind} pass", gather=world == 1)
         if key is not None and cached is None and (world > 1 or distributed.rank() == 0):
             bank_cache.save(self.bank_settings.cache_dir, key, emb)
