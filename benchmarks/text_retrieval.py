@@ -30,7 +30,7 @@ by side)::
     python benchmarks/text_retrieval.py --summarize
 
 ``--all-documents`` scores the saved models of rows already run with the test queries against every document
-of the corpus (60,906 for Debian), not only the split's; ``--summarize`` adds them as a table.
+of the corpus (60,932 in the Debian corpus built here), not only the split's; ``--summarize`` adds them as a table.
 """
 from __future__ import annotations
 
