@@ -268,23 +268,23 @@ def _hit(cache_dir: str | None, before: set[Path], row: str) -> bool:
     return not added
 
 
-def all_documents(row: str, seed: int, steps: int, out_root: Path, overrides: list[str]) -> dict:
+def all_documents(row: str, seed: int, out_root: Path, overrides: list[str]) -> dict:
     """Score a trained row's saved model (``OUT/ROW_seedS/model``; ``zero_shot``: the packaged MiniLM) with the
     test queries against every document of the corpus (``eval.corpus=all``), not only the split's judged
     ones; writes ``OUT/ROW_seedS/all_documents.json``."""
     from mochi_retrieval.eval.models import load_model
 
     out = out_root / f"{row}_seed{seed}"
-    cfg = load_config(CONFIG, [f"seed={seed}", f"train.max_steps={steps}", "eval.corpus=all", *overrides])
+    cfg = load_config(CONFIG, ["eval.corpus=all", *overrides])
     max_length = cfg.model.encoder_kwargs["max_length"]
     folder = resolve_model_path(cfg.model.encoder_kwargs["model_path"]) if row == "zero_shot" else out / "model"
     if not Path(folder).is_dir():
         raise SystemExit(f"{row} seed {seed}: no saved model at {folder}; run the row first")
     model = load_model(folder, "cpu", max_length=max_length)
     evaluator = TextEvaluator(cfg, torch.device("cpu"))
-    split = evaluator.evaluator()  # for its sizes
+    split = evaluator.evaluator()
     start = time.perf_counter()
-    metrics = evaluator.score(model.encode_texts)
+    metrics = evaluator.score(model.encode_texts, split)
     record = {"row": row, "seed": seed, **metrics, "documents": len(split.corpus),
               "queries": len(split.queries), "max_length": max_length,
               "seconds": time.perf_counter() - start}
@@ -384,7 +384,7 @@ def main() -> None:
             if row == "zero_shot" and seed != args.seeds[0]:
                 continue
             if args.all_documents:
-                all_documents(row, seed, args.steps, Path(args.out), args.overrides)
+                all_documents(row, seed, Path(args.out), args.overrides)
                 continue
             run_one(row, seed, args.steps, Path(args.out), args.overrides, args.cache_dir)
 

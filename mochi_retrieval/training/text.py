@@ -204,14 +204,15 @@ class TextEvaluator:
         with eval_mode(encoder):
             return self.score(encode)
 
-    def score(self, encode) -> dict[str, float]:
+    def score(self, encode, ev=None) -> dict[str, float]:
         """The evaluator's metrics plus ``doc_mean_cosine``: the mean cosine between the split's documents
-        (how spread out the document embeddings are; it rises when documents collapse together)."""
+        (how spread out the document embeddings are; it rises when documents collapse together). ``ev``: an
+        :meth:`evaluator` already built (else one is)."""
         from ..encoders import encode_in_batches
         from ..monitors import mean_pairwise_cosine
         from ..search import l2_normalize
 
-        ev = self.evaluator()
+        ev = ev or self.evaluator()
         q = encode_in_batches(encode, ev.queries, ev.batch_size, "queries", ev.show_progress)
         c = encode_in_batches(encode, ev.corpus, ev.batch_size, "corpus", ev.show_progress)
         results = dict(ev.evaluate_embeddings(q, c).metrics)
